@@ -61,7 +61,11 @@ def stack_status() -> None:
     health = stack.healthy()
     for component in stack.status():
         kind = "kafka" if component.name.startswith("kafka") else "registry"
-        state = "healthy" if component.running and health[kind] else ("running" if component.running else "stopped")
+        state = (
+            "healthy"
+            if component.running and health[kind]
+            else ("running" if component.running else "stopped")
+        )
         pid = component.pid if component.pid is not None else "-"
         typer.echo(f"{component.name:<10} {state:<8} pid {pid!s:<8} {component.detail}")
     if not all(health.values()):

@@ -124,7 +124,9 @@ class LocalStack:
         if mvn is None:
             raise StackError("Maven (mvn) is not installed: install it (apt-get install maven) and retry")
         if shutil.which("java") is None:
-            raise StackError("Java 17+ is not installed: install it (apt-get install openjdk-17-jre-headless)")
+            raise StackError(
+                "Java 17+ is not installed: install it (apt-get install openjdk-17-jre-headless)"
+            )
         self.echo(
             f"Fetching Apache Kafka {self.settings.kafka_version} and Apicurio Registry "
             f"{self.settings.apicurio_version} from Maven Central (first run only)..."
@@ -135,7 +137,11 @@ class LocalStack:
         shutil.copyfile(resource_dir("deploy/stack") / "pom.xml", pom)
         shutil.rmtree(self.kafka_libs, ignore_errors=True)
         cmd = [
-            mvn, "-B", "-f", str(pom), "package",
+            mvn,
+            "-B",
+            "-f",
+            str(pom),
+            "package",
             f"-Dstack.dir={self.dist}",
             f"-Dkafka.version={self.settings.kafka_version}",
             f"-Dapicurio.version={self.settings.apicurio_version}",
@@ -154,7 +160,9 @@ class LocalStack:
             tar.extractall(self.registry_dir, filter="data")
         archive.unlink()
         if not self.assembled():
-            raise StackError(f"the stack in {self.dist} is incomplete after assembly: run `pieceflow stack down --purge` and retry")
+            raise StackError(
+                f"the stack in {self.dist} is incomplete after assembly: run `pieceflow stack down --purge` and retry"
+            )
 
     # ---- process helpers ----------------------------------------------------------------------
 
@@ -261,13 +269,23 @@ class LocalStack:
             config = self._write_node_config(node, nodes)
             if (self._node_dir(node) / "data" / "meta.properties").exists():
                 continue
-            cmd = [self._java(), "-cp", f"{self.kafka_libs}/*", "kafka.tools.StorageTool", "format",
-                   "-t", cluster_id, "-c", str(config)]
+            cmd = [
+                self._java(),
+                "-cp",
+                f"{self.kafka_libs}/*",
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(config),
+            ]
             if len(nodes) == 1:
                 cmd.append("--standalone")
             else:
                 voters = ",".join(
-                    f"{n.node_id}@{self.settings.host}:{n.controller_port}:{dir_ids[n.node_id]}" for n in nodes
+                    f"{n.node_id}@{self.settings.host}:{n.controller_port}:{dir_ids[n.node_id]}"
+                    for n in nodes
                 )
                 cmd += ["--initial-controllers", voters]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -277,15 +295,26 @@ class LocalStack:
     def _start_kafka(self, node: Node) -> None:
         heap = self.settings.kafka_heap
         name = f"kafka-{node.node_id}"
-        self._spawn(name, [
-            self._java(), f"-Xms{heap}", f"-Xmx{heap}", "-server",
-            "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:+ExplicitGCInvokesConcurrent",
-            self._marker(),
-            f"-Dkafka.logs.dir={self.logs_dir}",
-            f"-Dlog4j2.configurationFile={resource_dir('deploy/stack') / 'log4j2.properties'}",
-            f"-Djava.io.tmpdir={self.run_dir}",
-            "-cp", f"{self.kafka_libs}/*", "kafka.Kafka", str(self._node_dir(node) / "server.properties"),
-        ])
+        self._spawn(
+            name,
+            [
+                self._java(),
+                f"-Xms{heap}",
+                f"-Xmx{heap}",
+                "-server",
+                "-XX:+UseG1GC",
+                "-XX:MaxGCPauseMillis=20",
+                "-XX:+ExplicitGCInvokesConcurrent",
+                self._marker(),
+                f"-Dkafka.logs.dir={self.logs_dir}",
+                f"-Dlog4j2.configurationFile={resource_dir('deploy/stack') / 'log4j2.properties'}",
+                f"-Djava.io.tmpdir={self.run_dir}",
+                "-cp",
+                f"{self.kafka_libs}/*",
+                "kafka.Kafka",
+                str(self._node_dir(node) / "server.properties"),
+            ],
+        )
 
     def kafka_ready(self, count: int, timeout: float = 3.0) -> bool:
         try:
@@ -317,12 +346,21 @@ class LocalStack:
             "APICURIO_DATASOURCE_JDBC_MIN_SIZE": "2",
             "APICURIO_DATASOURCE_JDBC_MAX_SIZE": "10",
         }
-        self._spawn("registry", [
-            self._registry_java(), "-Xms64m", f"-Xmx{heap}", "-XX:+UseSerialGC", self._marker(),
-            "-Djava.util.logging.manager=org.jboss.logmanager.LogManager",
-            f"-Djava.io.tmpdir={self.run_dir}",
-            "-jar", str(jar),
-        ], env=env)
+        self._spawn(
+            "registry",
+            [
+                self._registry_java(),
+                "-Xms64m",
+                f"-Xmx{heap}",
+                "-XX:+UseSerialGC",
+                self._marker(),
+                "-Djava.util.logging.manager=org.jboss.logmanager.LogManager",
+                f"-Djava.io.tmpdir={self.run_dir}",
+                "-jar",
+                str(jar),
+            ],
+            env=env,
+        )
 
     def registry_ready(self) -> bool:
         try:
@@ -434,17 +472,25 @@ class LocalStack:
         for node in self.nodes(count):
             name = f"kafka-{node.node_id}"
             pid = self._read_pid(name)
-            components.append(Component(
-                name, pid, pid is not None,
-                f"Apache Kafka {self.settings.kafka_version} KRaft on {self.settings.host}:{node.broker_port}"
-                f" (controller :{node.controller_port}, heap {self.settings.kafka_heap})",
-            ))
+            components.append(
+                Component(
+                    name,
+                    pid,
+                    pid is not None,
+                    f"Apache Kafka {self.settings.kafka_version} KRaft on {self.settings.host}:{node.broker_port}"
+                    f" (controller :{node.controller_port}, heap {self.settings.kafka_heap})",
+                )
+            )
         pid = self._read_pid("registry")
-        components.append(Component(
-            "registry", pid, pid is not None,
-            f"Apicurio Registry {self.settings.apicurio_version} at {self.registry_url()}"
-            f" (heap {self.settings.registry_heap})",
-        ))
+        components.append(
+            Component(
+                "registry",
+                pid,
+                pid is not None,
+                f"Apicurio Registry {self.settings.apicurio_version} at {self.registry_url()}"
+                f" (heap {self.settings.registry_heap})",
+            )
+        )
         return components
 
     def healthy(self) -> dict[str, bool]:

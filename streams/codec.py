@@ -1,0 +1,157 @@
+"""Avro in the Confluent wire format (magic 0, 4-byte registry id, Avro binary), on fastavro.
+
+The registry is asked once per (subject, schema) when writing and once per id when reading; after
+that, encoding and decoding touch only cached, already-parsed schemas. Several event types share a
+topic, so subjects follow the TopicRecordNameStrategy: ``<topic>-<record full name>``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import fastavro
+import faust
+from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+
+from streams import schemas
+
+MAGIC = 0
+_HEADER = struct.Struct(">bI")
+
+
+class Typed(Protocol):
+    """Anything carrying an Avro record name and its value, such as ``streams.events.Event``."""
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def value(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A record read from Kafka: its Avro record name (without namespace) and its value."""
+
+    type: str
+    value: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """Bytes that are not a record we can read. Agents send these to the dead-letter topic."""
+
+    raw: bytes
+    error: str
+
+
+class DecodeError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class _Reader:
+    name: str
+    writer: Any
+    reader: Any
+
+
+class AvroRegistry:
+    """Schema ids and parsed schemas, shared by every codec of a process."""
+
+    def __init__(self, client: SchemaRegistryClient) -> None:
+        self.client = client
+        self._ids: dict[tuple[str, str], int] = {}
+        self._readers: dict[int, _Reader] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str) -> AvroRegistry:
+        return cls(SchemaRegistryClient({"url": url}))
+
+    def schema_id(self, topic: str, record: str) -> int:
+        key = (topic, record)
+        found = self._ids.get(key)
+        if found is not None:
+            return found
+        with self._lock:
+            if key not in self._ids:
+                raw = schemas.load_schema(record)
+                subject = f"{topic}-{raw['namespace']}.{raw['name']}"
+                self._ids[key] = self.client.register_schema(subject, Schema(json.dumps(raw), "AVRO"))
+            return self._ids[key]
+
+    def reader(self, schema_id: int) -> _Reader:
+        found = self._readers.get(schema_id)
+        if found is not None:
+            return found
+        with self._lock:
+            if schema_id not in self._readers:
+                registered = self.client.get_schema(schema_id)
+                writer_raw = json.loads(registered.schema_str or "null")
+                if not isinstance(writer_raw, dict) or writer_raw.get("type") != "record":
+                    raise DecodeError(f"schema id {schema_id} is not an Avro record schema")
+                name = writer_raw["name"]
+                writer = fastavro.parse_schema(writer_raw)
+                # Read with today's schema, so older writers resolve to the fields this code knows.
+                reader = schemas.parsed_schema(name) if name in schemas.all_schema_names() else writer
+                self._readers[schema_id] = _Reader(name, writer, reader)
+            return self._readers[schema_id]
+
+    def encode(self, topic: str, record: str, value: dict[str, Any]) -> bytes:
+        schema_id = self.schema_id(topic, record)
+        buf = io.BytesIO()
+        buf.write(_HEADER.pack(MAGIC, schema_id))
+        fastavro.schemaless_writer(buf, schemas.parsed_schema(record), value)
+        return buf.getvalue()
+
+    def decode(self, data: bytes) -> Decoded:
+        if len(data) < _HEADER.size:
+            raise DecodeError(f"{len(data)} bytes is shorter than the 5-byte wire-format header")
+        magic, schema_id = _HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise DecodeError(f"unknown magic byte {magic}: not the Confluent Avro wire format")
+        try:
+            reader = self.reader(schema_id)
+        except Exception as exc:
+            raise DecodeError(f"schema id {schema_id} cannot be fetched from the registry: {exc}") from exc
+        buf = io.BytesIO(data)
+        buf.seek(_HEADER.size)
+        try:
+            value = fastavro.schemaless_reader(buf, reader.writer, reader.reader)
+        except Exception as exc:
+            raise DecodeError(f"body does not match schema {schema_id} ({reader.name}): {exc!r}") from exc
+        if not isinstance(value, dict):
+            raise DecodeError(f"schema {schema_id} ({reader.name}) is not a record")
+        if buf.tell() != len(data):
+            raise DecodeError(f"{len(data) - buf.tell()} trailing bytes after a {reader.name} record")
+        return Decoded(reader.name, value)
+
+
+class AvroCodec(faust.Codec):
+    """A Faust codec bound to one topic: sends ``Typed`` values, receives ``Decoded`` ones.
+
+    Receiving never raises: bytes that cannot be read come back as ``Undecodable`` so that the agent,
+    not Faust, decides what happens to them (Faust would log the error and drop the message).
+    """
+
+    def __init__(self, registry: AvroRegistry, topic: str, **kwargs: Any) -> None:
+        self.registry = registry
+        self.topic = topic
+        super().__init__(**kwargs)
+
+    def _dumps(self, obj: Any) -> bytes:
+        if isinstance(obj, bytes | bytearray):
+            return bytes(obj)  # already encoded: dead letters keep the original bytes
+        return self.registry.encode(self.topic, obj.type, obj.value)
+
+    def _loads(self, s: bytes) -> Decoded | Undecodable:
+        try:
+            return self.registry.decode(s)
+        except DecodeError as exc:
+            return Undecodable(bytes(s), str(exc))

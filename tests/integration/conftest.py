@@ -1,0 +1,63 @@
+"""The real local stack for integration tests: started here when it is not up, stopped if we started it.
+
+A stack that cannot start fails the tests with its log tail; it never skips them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streams.settings import Settings
+from streams.stack import LocalStack, StackError
+
+
+@pytest.fixture(scope="session")
+def stack(settings: Settings) -> Iterator[LocalStack]:
+    local = LocalStack(settings)
+    try:
+        started = local.up(cluster=local.configured_nodes())
+    except StackError as exc:
+        pytest.fail(f"the local stack could not start: {exc}", pytrace=False)
+    yield local
+    if started:
+        local.down()
+
+
+@pytest.fixture(scope="session")
+def bootstrap(stack: LocalStack) -> str:
+    return stack.bootstrap()
+
+
+@pytest.fixture(scope="session")
+def registry_url(stack: LocalStack) -> str:
+    return stack.registry_url()
+
+
+@pytest.fixture
+def admin(bootstrap: str) -> AdminClient:
+    return AdminClient({"bootstrap.servers": bootstrap})
+
+
+@pytest.fixture
+def new_topic(admin: AdminClient) -> Iterator[object]:
+    """Create uniquely named topics for one test and delete them after it."""
+    created: list[str] = []
+
+    def make(prefix: str, partitions: int = 1, config: dict[str, str] | None = None) -> str:
+        name = f"test.{prefix}.{uuid.uuid4().hex[:8]}"
+        futures = admin.create_topics([NewTopic(name, partitions, 1, config=config or {})])
+        futures[name].result(timeout=30)
+        created.append(name)
+        return name
+
+    yield make
+    if created:
+        for future in admin.delete_topics(created).values():
+            # A broker killed by a fault test cannot delete; that test has already failed.
+            with contextlib.suppress(Exception):
+                future.result(timeout=30)
