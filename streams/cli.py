@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import typer
 
+from streams.resources import resource_dir
 from streams.settings import get_settings
 from streams.stack import LocalStack, StackError, log_tail
+from streams.topics import ensure_topics
 
 app = typer.Typer(
     help="pieceflow: order management at a batch size of one, on Apache Kafka.",
@@ -83,6 +87,117 @@ def stack_logs(
     if not path.exists():
         raise fail(f"no log for {component!r} in {stack.logs_dir}; has `pieceflow stack up` run?")
     typer.echo(log_tail(path, lines))
+
+
+# ---- topics -------------------------------------------------------------------------------------
+
+topics_app = typer.Typer(help="The pipeline's topics: list them, or create them on the cluster.")
+app.add_typer(topics_app, name="topics")
+
+
+@topics_app.callback(invoke_without_command=True)
+def topics_list(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Print every topic with its key, value types, writer, partitions and cleanup policy."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from streams.topology import TOPICS
+
+    partitions = get_settings().partitions
+    rows = [spec.describe(partitions) for spec in TOPICS]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"{'topic':<26} {'key':<16} {'cleanup':<8} {'parts':>5}  {'writer':<24} values")
+    for row in rows:
+        typer.echo(
+            f"{row['name']:<26} {row['key']:<16} {row['cleanup_policy']:<8} {row['partitions']:>5}  "
+            f"{row['writer']:<24} {', '.join(row['values'])}"
+        )
+
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create the topics that do not exist yet (existing ones are left as they are)."""
+    from streams.topology import TOPICS
+
+    try:
+        created = ensure_topics(TOPICS, get_settings())
+    except RuntimeError as exc:
+        raise fail(str(exc)) from exc
+    typer.echo(f"Created {len(created)} topic(s): {', '.join(created)}" if created else "All topics exist.")
+
+
+# ---- catalog ------------------------------------------------------------------------------------
+
+catalog_app = typer.Typer(help="Reference data: products and stations, on compacted topics.", no_args_is_help=True)
+app.add_typer(catalog_app, name="catalog")
+
+
+def catalog_path(name_or_file: str) -> Path:
+    """A YAML file, or the name of a bundled example catalog (restaurant, footwear)."""
+    path = Path(name_or_file)
+    if path.is_file():
+        return path
+    bundled = resource_dir("deploy/catalogs") / f"{name_or_file}.yaml"
+    if bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(p.stem for p in resource_dir("deploy/catalogs").glob("*.yaml")))
+    raise fail(f"no catalog file {name_or_file!r}; give a YAML path or one of: {names}")
+
+
+@catalog_app.command("load")
+def catalog_load(
+    file: str = typer.Argument(..., help="Catalog YAML, or a bundled example: restaurant, footwear."),
+) -> None:
+    """Publish a catalog's products and stations to their compacted topics."""
+    from streams.catalog import CatalogError, load_catalog_yaml
+    from streams.codec import AvroRegistry
+    from streams.reference import publish_catalog
+    from streams.topology import TOPICS
+
+    settings = get_settings()
+    path = catalog_path(file)
+    try:
+        catalog = load_catalog_yaml(path)
+        ensure_topics(TOPICS, settings)
+        products, stations = publish_catalog(catalog, settings, AvroRegistry.from_url(settings.schema_registry_url))
+    except (CatalogError, RuntimeError) as exc:
+        raise fail(f"{path}: {exc}") from exc
+    typer.echo(f"Loaded catalog {catalog.name!r}: {products} products, {stations} stations.")
+
+
+# ---- worker -------------------------------------------------------------------------------------
+
+
+@app.command()
+def worker(
+    loglevel: str = typer.Option("warning", "--loglevel", "-l", help="Faust log level."),
+) -> None:
+    """Run a pipeline worker: every agent (validate, expand, track, assign, reroute) in one process.
+
+    Start more workers (with their own PIECEFLOW_WEB_PORT) to share the partitions.
+    """
+    from streams import topology
+
+    settings = get_settings()
+    try:
+        ensure_topics(topology.TOPICS, settings)
+        catalog = topology.reference.load()
+    except RuntimeError as exc:
+        raise fail(str(exc)) from exc
+    if not catalog.products:
+        raise fail("no catalog on the cluster: run `pieceflow catalog load restaurant` (or a YAML file) first")
+    typer.echo(
+        f"Worker {settings.app_id}: {len(catalog.products)} products, {len(catalog.stations)} stations; "
+        f"metrics at http://{settings.host}:{settings.web_port}/metrics",
+        err=True,
+    )
+    Path(topology.app.conf.datadir).parent.mkdir(parents=True, exist_ok=True)
+    sys.argv = ["pieceflow worker", "worker", "--loglevel", loglevel, "--web-port", str(settings.web_port)]
+    topology.app.main()
 
 
 def main() -> None:

@@ -61,3 +61,32 @@ def new_topic(admin: AdminClient) -> Iterator[object]:
             # A broker killed by a fault test cannot delete; that test has already failed.
             with contextlib.suppress(Exception):
                 future.result(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def fault_stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """A second, private stack for tests that kill or stop the broker, so the shared one stays up.
+
+    It reuses the shared stack's assembled jars (no second download) but has its own data and ports.
+    """
+    home = tmp_path_factory.mktemp("fault-stack")
+    shared = LocalStack(settings)
+    shared.assemble()
+    (home / "dist").symlink_to(shared.dist)
+    private = settings.model_copy(
+        update={
+            "home": home,
+            "kafka_port": settings.kafka_port + 1000,
+            "registry_port": settings.registry_port + 1000,
+            "registry_management_port": settings.registry_management_port + 1000,
+            "kafka_heap": "384m",
+        }
+    )
+    local = LocalStack(private)
+    try:
+        local.up()
+    except StackError as exc:
+        local.down()
+        pytest.fail(f"the fault-test stack could not start: {exc}", pytrace=False)
+    yield local
+    local.down(purge=True)

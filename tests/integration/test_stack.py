@@ -1,0 +1,83 @@
+"""The local stack's lifecycle, on a private stack so the shared one is never disturbed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from confluent_kafka import Producer
+
+from streams.stack import LocalStack
+from tests.conftest import wait_until
+
+
+def _stack_env(stack: LocalStack) -> dict[str, str]:
+    s = stack.settings
+    return {
+        **os.environ,
+        "PIECEFLOW_HOME": str(s.home),
+        "PIECEFLOW_KAFKA_PORT": str(s.kafka_port),
+        "PIECEFLOW_REGISTRY_PORT": str(s.registry_port),
+        "PIECEFLOW_REGISTRY_MANAGEMENT_PORT": str(s.registry_management_port),
+    }
+
+
+def _cli(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streams", *args],
+        env=_stack_env(stack), capture_output=True, text=True, timeout=180, check=False,
+    )
+
+
+def test_up_twice_says_already_up_and_status_is_healthy(fault_stack: LocalStack) -> None:
+    second = _cli(fault_stack, "stack", "up")
+    assert second.returncode == 0, second.stderr
+    assert "already up" in second.stdout
+    status = _cli(fault_stack, "stack", "status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    lines = status.stdout.splitlines()
+    assert any(line.startswith("kafka-1") and "healthy" in line and "4.4.0" in line for line in lines)
+    assert any(line.startswith("registry") and "healthy" in line for line in lines)
+    for component in fault_stack.status():
+        assert component.pid is not None and Path(f"/proc/{component.pid}").exists()
+
+
+def test_killed_broker_fails_producers_within_bounds_and_restarts(fault_stack: LocalStack) -> None:
+    fault_stack.kill_broker(1)
+    wait_until(lambda: not fault_stack.kafka_ready(1, timeout=1.0), 30, "the killed broker to stop answering")
+    status = _cli(fault_stack, "stack", "status")
+    assert status.returncode == 1
+    assert "stopped" in status.stdout
+
+    producer = Producer({"bootstrap.servers": fault_stack.bootstrap(), "message.timeout.ms": 3000})
+    errors: list[str] = []
+    producer.produce("any", b"x", on_delivery=lambda err, _msg: errors.append(str(err)))
+    assert producer.flush(15) == 0
+    assert errors and "timed out" in errors[0].lower()
+
+    fault_stack.start_broker(1)
+    assert fault_stack.kafka_ready(1)
+
+
+def test_down_stops_every_jvm_it_started(fault_stack: LocalStack) -> None:
+    pids = [c.pid for c in fault_stack.status() if c.pid is not None]
+    assert pids
+    stopped = _cli(fault_stack, "stack", "down")
+    assert stopped.returncode == 0
+    for pid in pids:
+        wait_until(lambda pid=pid: not Path(f"/proc/{pid}").exists() or _zombie(pid), 30, f"pid {pid} to exit")
+    assert all(not c.running for c in fault_stack.status())
+    # Data is kept: the next `up` reuses the formatted storage.
+    assert any((fault_stack.home / "kafka").rglob("meta.properties"))
+    again = _cli(fault_stack, "stack", "up")
+    assert again.returncode == 0, again.stderr
+    assert "Stack is up" in again.stdout
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
