@@ -200,5 +200,48 @@ def worker(
     topology.app.main()
 
 
+# ---- stations -----------------------------------------------------------------------------------
+
+stations_app = typer.Typer(help="The station side (MES): simulate stations working their queues.", no_args_is_help=True)
+app.add_typer(stations_app, name="stations")
+
+
+@stations_app.command("simulate")
+def stations_simulate(
+    time_scale: float = typer.Option(0.01, help="Simulated seconds per catalog second (0: instant)."),
+    stations: str = typer.Option("", help="Comma-separated station ids to simulate (default: all work stations)."),
+    fail_rate: float = typer.Option(0.0, help="Share of operations that fail (0..1)."),
+    outage_every: float = typer.Option(0.0, help="Seconds between outages of a random station (0: none)."),
+    outage_for: float = typer.Option(5.0, help="Seconds an outage lasts."),
+    seed: int | None = typer.Option(None, help="Random seed for failures and outages."),
+) -> None:
+    """Work each station's FIFO queue and report OperationStarted / OperationCompleted, until Ctrl-C."""
+    import threading
+
+    from connectors.stations import Faults, StationSimulator
+    from streams.codec import AvroRegistry
+    from streams.reference import ReferenceData
+
+    settings = get_settings()
+    registry = AvroRegistry.from_url(settings.schema_registry_url)
+    try:
+        catalog = ReferenceData(settings, registry).load()
+    except RuntimeError as exc:
+        raise fail(str(exc)) from exc
+    if not catalog.stations:
+        raise fail("no stations on the cluster: run `pieceflow catalog load restaurant` (or a YAML file) first")
+    simulator = StationSimulator(
+        settings, catalog, time_scale=time_scale, stations=[s for s in stations.split(",") if s],
+        faults=Faults(fail_rate, outage_every, outage_for, seed), registry=registry,
+    )
+    typer.echo(f"Simulating {len(simulator.stations)} stations at time scale {time_scale}; Ctrl-C stops.", err=True)
+    stop = threading.Event()
+    try:
+        simulator.run(stop)
+    except KeyboardInterrupt:
+        stop.set()
+    typer.echo(f"Completed {simulator.completed} operations, {simulator.failed} failed.", err=True)
+
+
 def main() -> None:
     app()

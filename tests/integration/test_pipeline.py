@@ -1,0 +1,247 @@
+"""The order pipeline end to end, on the real broker and registry, with real Faust workers.
+
+A worker runs as a child process (``pieceflow worker``); the station simulator works the station
+queues in this process. Orders go in through ``OrderProducer`` (confluent-kafka, murmur2, Confluent
+wire format) and the outputs are read back with plain consumers.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+
+from connectors.shopfront import build_order, cancellation
+from connectors.stations import StationSimulator
+from connectors.storefront import OrderProducer
+from streams.catalog import Catalog, load_catalog_yaml
+from streams.codec import AvroRegistry
+from streams.events import Event
+from streams.reference import publish_catalog
+from streams.resources import resource_dir
+from streams.settings import Settings
+from streams.stack import LocalStack
+from streams.topics import ensure_topics
+from streams.topology import (
+    DEAD_LETTERS,
+    ORDERS_DECISIONS,
+    ORDERS_DISPATCHED,
+    ORDERS_INBOUND,
+    ORDERS_LEADTIME,
+    ORDERS_STATUS,
+    ORDERS_WORKITEMS,
+    STATIONS_QUEUE,
+    TOPICS,
+)
+from tests.conftest import wait_until
+from tests.integration.support import Collector, WorkerProcess, seq_violations
+
+OUTPUTS = [ORDERS_DECISIONS, ORDERS_WORKITEMS, STATIONS_QUEUE, ORDERS_STATUS, ORDERS_DISPATCHED, ORDERS_LEADTIME,
+           DEAD_LETTERS]
+BOUND = 90.0
+
+
+@pytest.fixture(scope="module")
+def catalog() -> Catalog:
+    return load_catalog_yaml(resource_dir("deploy/catalogs") / "restaurant.yaml")
+
+
+@pytest.fixture(scope="module")
+def pipeline_settings(stack: LocalStack, settings: Settings) -> Settings:
+    return settings.model_copy(update={"bootstrap_servers": stack.bootstrap(), "registry_url": stack.registry_url()})
+
+
+@pytest.fixture(scope="module")
+def registry(pipeline_settings: Settings) -> AvroRegistry:
+    return AvroRegistry.from_url(pipeline_settings.schema_registry_url)
+
+
+@pytest.fixture(scope="module")
+def worker(
+    pipeline_settings: Settings, catalog: Catalog, registry: AvroRegistry, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    ensure_topics(TOPICS, pipeline_settings)
+    publish_catalog(catalog, pipeline_settings, registry)
+    proc = WorkerProcess(
+        pipeline_settings, tmp_path_factory.mktemp("workers"), "worker-1",
+        {"PIECEFLOW_APP_ID": "pieceflow-test", "PIECEFLOW_WEB_PORT": "6166"},
+    )
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def simulator(pipeline_settings: Settings, catalog: Catalog, registry: AvroRegistry) -> Iterator[StationSimulator]:
+    sim = StationSimulator(pipeline_settings, catalog, time_scale=0.0005, registry=registry,
+                           group_id="pieceflow-test-stations")
+    stop = threading.Event()
+    thread = threading.Thread(target=sim.run, args=(stop,), daemon=True)
+    thread.start()
+    yield sim
+    stop.set()
+    thread.join(15)
+
+
+@pytest.fixture
+def collector(pipeline_settings: Settings, registry: AvroRegistry) -> Iterator[Collector]:
+    c = Collector(pipeline_settings, registry, [t.name for t in OUTPUTS])
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def producer(pipeline_settings: Settings, registry: AvroRegistry) -> OrderProducer:
+    return OrderProducer(pipeline_settings, ORDERS_INBOUND.name, registry=registry)
+
+
+def place(producer: OrderProducer, value: dict[str, object], kind: str = "OrderPlaced") -> None:
+    producer.send_confirmed(Event(kind, str(value["order_id"]), dict(value)), str(value["order_id"]))
+
+
+def wait_for(collector: Collector, worker: WorkerProcess, what: str, condition: object, bound: float = BOUND) -> None:
+    def check() -> object:
+        if not worker.alive():
+            pytest.fail(f"the worker died while waiting for {what}:\n{worker.tail()}")
+        return condition() if callable(condition) else condition
+
+    try:
+        wait_until(check, bound, what)
+    except pytest.fail.Exception:
+        pytest.fail(f"timed out after {bound:.0f}s waiting for {what}; worker log ends:\n{worker.tail()}")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def test_walking_skeleton_order_placed_becomes_order_accepted(
+    worker: WorkerProcess, producer: OrderProducer, collector: Collector, catalog: Catalog
+) -> None:
+    order = build_order(catalog, [("kung-pao-chicken", 1, [("SUBSTITUTE", "vegetable", "asparagus")])],
+                        external_id=unique("skeleton"))
+    place(producer, order)
+    oid = order["order_id"]
+    wait_for(collector, worker, "OrderAccepted", lambda: collector.for_orders({oid}, "OrderAccepted"))
+    accepted = collector.for_orders({oid}, "OrderAccepted")[0]
+    assert accepted.topic == ORDERS_DECISIONS.name
+    assert accepted.key == oid
+    assert accepted.raw[0] == 0  # Confluent wire format: magic byte, then the registry id
+    assert accepted.value["causation_id"] == order["event_id"]
+    assert accepted.value["lines"][0]["customizations"][0]["value"] == "asparagus"
+
+
+def test_orders_flow_to_dispatch_in_order_with_nothing_lost(
+    worker: WorkerProcess, simulator: StationSimulator, producer: OrderProducer, collector: Collector,
+    catalog: Catalog,
+) -> None:
+    orders = []
+    for i in range(12):
+        lines = [("kung-pao-chicken", 1 + i % 2, [("SELECT", "spice", "extra-spicy")]), ("spring-rolls", 1, [])]
+        delivery = {"method": "DELIVERY", "address": {"neighbourhood": ["north", "south", "centre"][i % 3],
+                                                      "postcode": None, "line1": "1 Main St", "city": None}}
+        orders.append(build_order(catalog, lines, external_id=unique("flow"), delivery=delivery,
+                                  priority="RUSH" if i % 5 == 0 else "STANDARD"))
+    for order in orders:
+        place(producer, order)
+    ids = {o["order_id"] for o in orders}
+    wait_for(collector, worker, "every order dispatched",
+             lambda: {r.key for r in collector.for_orders(ids, "OrderDispatched")} == ids, bound=120)
+
+    dispatched = collector.for_orders(ids, "OrderDispatched")
+    assert len(dispatched) == len(ids), "an order was dispatched twice"
+    for order in orders:
+        oid = order["order_id"]
+        units = sum(line["quantity"] for line in order["lines"])
+        planned = collector.for_orders({oid}, "WorkItemPlanned")
+        assert len(planned) == units
+        lead = collector.for_orders({oid}, "OrderLeadTime")
+        assert len(lead) == 1
+        parts = lead[0].value
+        assert parts["lead_time_ms"] == parts["intake_ms"] + parts["queue_ms"] + parts["work_ms"] + parts["dispatch_ms"]
+        courier = collector.for_orders({oid}, "OrderDispatched")[0].value
+        assert courier["carrier_id"].startswith("bike-")
+    # Per-order ordering on every order-keyed output topic.
+    order_keyed = [r for r in collector.for_orders(ids) if r.topic != STATIONS_QUEUE.name]
+    assert seq_violations(order_keyed) == []
+    # Per-station ordering on the station queues.
+    assert seq_violations([r for r in collector.for_orders(ids) if r.topic == STATIONS_QUEUE.name]) == []
+    assert not collector.where(topic=DEAD_LETTERS.name, key=next(iter(ids)))
+
+
+def test_invalid_orders_are_rejected_with_typed_reasons(
+    worker: WorkerProcess, producer: OrderProducer, collector: Collector, catalog: Catalog
+) -> None:
+    unknown = build_order(catalog, [("no-such-dish", 1, [])], external_id=unique("bad-sku"))
+    too_many = build_order(catalog, [("spring-rolls", 99, [])], external_id=unique("too-many"))
+    no_address = build_order(catalog, [("mapo-tofu", 1, [])], external_id=unique("no-address"),
+                             delivery={"method": "DELIVERY", "address": None})
+    wrong_price = build_order(catalog, [("mapo-tofu", 1, [])], external_id=unique("price"))
+    wrong_price["total"] = wrong_price["total"] + 5
+    wrong_price["lines"][0]["unit_price"] = wrong_price["lines"][0]["unit_price"] + 5
+    bad_option = build_order(catalog, [("mapo-tofu", 1, [("SELECT", "sauce", "ketchup")])], external_id=unique("opt"))
+    expected = {
+        unknown["order_id"]: "UNKNOWN_SKU",
+        too_many["order_id"]: "QUANTITY_OUT_OF_RANGE",
+        no_address["order_id"]: "MISSING_ADDRESS",
+        wrong_price["order_id"]: "PRICE_MISMATCH",
+        bad_option["order_id"]: "OPTION_NOT_ALLOWED",
+    }
+    for order in (unknown, too_many, no_address, wrong_price, bad_option):
+        place(producer, order)
+    good = build_order(catalog, [("egg-fried-rice", 1, [])], external_id=unique("dup"))
+    place(producer, good)
+    place(producer, good)  # the same event again: a duplicate event id
+    expected_dup = good["order_id"]
+    wait_for(collector, worker, "all rejections",
+             lambda: len(collector.for_orders(set(expected) | {expected_dup}, "OrderRejected")) == len(expected) + 1)
+    reasons = {r.key: r.value["reason"] for r in collector.for_orders(set(expected), "OrderRejected")}
+    assert reasons == expected
+    dup = collector.for_orders({expected_dup}, "OrderRejected")
+    assert [r.value["reason"] for r in dup] == ["DUPLICATE_EVENT"]
+    assert len(collector.for_orders({expected_dup}, "OrderAccepted")) == 1
+
+
+def test_undecodable_bytes_go_to_the_dead_letter_topic_and_the_worker_goes_on(
+    worker: WorkerProcess, producer: OrderProducer, collector: Collector, catalog: Catalog,
+    pipeline_settings: Settings,
+) -> None:
+    key = unique("garbage")
+    raw = Producer({"bootstrap.servers": pipeline_settings.kafka_bootstrap, "partitioner": "murmur2_random"})
+    raw.produce(ORDERS_INBOUND.name, key=key.encode(), value=b"\x07not avro at all")
+    assert raw.flush(10) == 0
+    after = build_order(catalog, [("spring-rolls", 1, [])], external_id=unique("after-garbage"))
+    place(producer, after)
+    wait_for(collector, worker, "the dead letter", lambda: collector.where(topic=DEAD_LETTERS.name, key=key))
+    letter = collector.where(topic=DEAD_LETTERS.name, key=key)[0]
+    assert letter.raw == b"\x07not avro at all"
+    assert letter.headers["dlq.reason"] == b"undecodable"
+    assert letter.headers["dlq.stage"] == b"validation"
+    assert letter.headers["dlq.original.topic"] == ORDERS_INBOUND.name.encode()
+    assert letter.headers["dlq.original.key"] == key.encode()
+    assert int(letter.headers["dlq.original.offset"]) >= 0
+    assert b"magic byte" in letter.headers["dlq.error"]
+    wait_for(collector, worker, "the next order accepted",
+             lambda: collector.for_orders({after["order_id"]}, "OrderAccepted"))
+
+
+def test_cancelled_order_is_never_dispatched(
+    worker: WorkerProcess, producer: OrderProducer, collector: Collector, catalog: Catalog
+) -> None:
+    order = build_order(catalog, [("mapo-tofu", 1, [])], external_id=unique("cancel"))
+    place(producer, order)
+    place(producer, cancellation(order), kind="OrderCancelled")
+    oid = order["order_id"]
+    wait_for(collector, worker, "the cancellation",
+             lambda: collector.for_orders({oid}, "OrderCancellationAccepted"))
+    wait_for(collector, worker, "a CANCELLED status",
+             lambda: any(r.value["state"] == "CANCELLED" for r in collector.for_orders({oid}, "OrderStatus")))
+    assert not collector.for_orders({oid}, "OrderDispatched")
+
+
+def test_worker_log_shows_no_unhandled_errors(worker: WorkerProcess) -> None:
+    text = Path(worker.log).read_text(errors="replace")
+    assert "Traceback" not in text.replace("dead-lettering", ""), worker.tail()
