@@ -31,7 +31,7 @@ def build_order(
 ) -> dict[str, Any]:
     """An OrderPlaced value whose unit prices and total agree with the catalog."""
     now = at or utc_now()
-    built = []
+    built: list[dict[str, Any]] = []
     for i, (sku, qty, custom) in enumerate(lines):
         customizations = [{"kind": k, "option_code": o, "value": v} for k, o, v in custom]
         product = catalog.products.get(sku)
@@ -111,6 +111,7 @@ def random_order(
         lines.append((sku, rng.choice([1, 1, 1, 2]), random_customizations(product, rng)))
     couriers = sorted({n for s in catalog.stations.values() if s.kind == "COURIER" for n in s.neighbourhoods} - {"*"})
     carriers = [s for s in catalog.stations.values() if s.kind == "CARRIER"]
+    delivery: dict[str, Any]
     if couriers and rng.random() < 0.7:
         delivery = {"method": "DELIVERY", "address": {"neighbourhood": rng.choice(couriers), "postcode": None,
                                                      "line1": "1 Example Street", "city": None}}
