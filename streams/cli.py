@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -241,6 +242,81 @@ def stations_simulate(
     except KeyboardInterrupt:
         stop.set()
     typer.echo(f"Completed {simulator.completed} operations, {simulator.failed} failed.", err=True)
+
+
+# ---- demo ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    scenario: str = typer.Option("restaurant", help="restaurant or footwear."),
+    orders: int = typer.Option(40, help="How many orders the simulated storefront places."),
+    rate: float = typer.Option(2.0, help="Orders placed per second (wall time)."),
+    time_scale: float = typer.Option(0.002, help="Wall seconds per catalog second of station work."),
+    policy: str = typer.Option("flow", help="flow, or batch: also replay the orders through legacy batching."),
+    output_dir: Path = typer.Option(Path(), help="Where report.json and report.png go."),
+    seed: int = typer.Option(7, help="Seed of the simulated storefront."),
+) -> None:
+    """Run the whole loop locally and end with a lead-time report (report.json, report.png)."""
+    from rich.console import Console
+
+    from streams.demo import DemoConfig, DemoError, run_demo
+    from streams.stack import StackError
+
+    if policy not in ("flow", "batch"):
+        raise fail("--policy takes flow or batch")
+    console = Console(stderr=True)
+    config = DemoConfig(scenario=scenario, orders=orders, rate=rate, time_scale=time_scale, policy=policy,
+                        output_dir=output_dir, seed=seed)
+    try:
+        result = run_demo(config, get_settings(), console)
+    except (DemoError, StackError, RuntimeError) as exc:
+        raise fail(str(exc)) from exc
+    print_report(result)
+    typer.echo(f"Wrote {output_dir / 'report.json'} and {output_dir / 'report.png'}. "
+               "`pieceflow stack down` stops the local stack.")
+
+
+def print_report(result: dict[str, Any]) -> None:
+    typer.echo(f"\nLead-time report: {result['scenario']}, {result['orders']} orders, in {result['units']}")
+    for name, data in result["policies"].items():
+        lead, ratio, work = data["lead_minutes"], data["lead_to_work_ratio"], data["work_minutes"]
+        typer.echo(f"\n== {name}: {data['dispatched']} dispatched of {data['placed']} placed "
+                   f"({data['amendments']} amendments, {data['cancellations']} cancellations sent)")
+        typer.echo(f"  lead time     p50 {lead['p50']:7.1f}  p95 {lead['p95']:7.1f}  p99 {lead['p99']:7.1f}  min")
+        typer.echo(f"  work (crit.)  p50 {work['p50']:7.1f}  p95 {work['p95']:7.1f}  p99 {work['p99']:7.1f}  min")
+        typer.echo(
+            f"  lead / work   p50 {ratio['p50']:7.2f}  p95 {ratio['p95']:7.2f}  p99 {ratio['p99']:7.2f}"
+            "  (1 = no waiting)"
+        )
+        for part, stats in data["stages_minutes"].items():
+            typer.echo(f"  {part:<13} p50 {stats['p50']:7.1f}  p95 {stats['p95']:7.1f}  p99 {stats['p99']:7.1f}  min")
+        busiest = sorted(data["station_utilisation"].items(), key=lambda kv: -kv[1])[:5]
+        typer.echo("  utilisation   " + ", ".join(f"{s} {u:.0%}" for s, u in busiest))
+        typer.echo("  rejections    " + (", ".join(f"{r} {n}" for r, n in data["rejections"].items()) or "none"))
+
+
+# ---- intake -------------------------------------------------------------------------------------
+
+intake_app = typer.Typer(help="The HTTP intake: storefront webhooks and orders in, onto Kafka.", no_args_is_help=True)
+app.add_typer(intake_app, name="intake")
+
+
+@intake_app.command("serve")
+def intake_serve(
+    port: int | None = typer.Option(None, "--port", help="HTTP port (default: PIECEFLOW_INTAKE_PORT, 8090)."),
+    host: str | None = typer.Option(None, "--host", help="Address to bind (default: PIECEFLOW_HOST)."),
+    catalog: str | None = typer.Option(
+        None, "--catalog", help="Catalog YAML or bundled name; default: the catalog topics on the cluster."
+    ),
+) -> None:
+    """Serve POST /webhooks/shopify, /webhooks/woocommerce, /orders, and GET /metrics, /healthz."""
+    from connectors.intake.service import serve
+
+    try:
+        serve(get_settings(), host=host, port=port, catalog_file=catalog_path(catalog) if catalog else None)
+    except RuntimeError as exc:  # Kafka unreachable or no catalog topics at start-up
+        raise fail(f"{exc}; or pass --catalog") from exc
 
 
 def main() -> None:

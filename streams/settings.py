@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,7 +16,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PIECEFLOW_", extra="ignore")
 
     home: Path = Field(
-        default=Path(".pieceflow"),
+        default_factory=lambda: default_home(),
         description="State folder: the assembled stack, broker data, logs, pid files.",
     )
     host: str = Field(default="127.0.0.1", description="Address the local stack binds to.")
@@ -53,6 +54,15 @@ class Settings(BaseSettings):
     replication_factor: int = Field(default=1, description="Replication factor of pipeline topics.")
     app_id: str = Field(default="pieceflow", description="Faust application id (consumer group).")
     web_port: int = Field(default=6066, description="Worker web port (/metrics).")
+    shopify_secret: str | None = Field(
+        default=None,
+        description="Shopify webhook signing secret; unset, /webhooks/shopify answers 401 to everything.",
+    )
+    woocommerce_secret: str | None = Field(
+        default=None,
+        description="WooCommerce webhook secret; unset, /webhooks/woocommerce answers 401 to everything.",
+    )
+    intake_port: int = Field(default=8090, description="Intake service HTTP port (webhooks, /metrics, /healthz).")
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -61,6 +71,19 @@ class Settings(BaseSettings):
     @property
     def schema_registry_url(self) -> str:
         return self.registry_url or f"http://{self.host}:{self.registry_port}/apis/ccompat/v7"
+
+
+def default_home() -> Path:
+    """``.pieceflow`` in the source checkout pieceflow runs from, else the user's state folder.
+
+    One fixed place, whatever the current directory: a second folder would mean a second stack
+    fighting the first for its ports.
+    """
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "streams").is_dir():
+        return checkout / ".pieceflow"
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "pieceflow"
 
 
 @lru_cache(maxsize=1)

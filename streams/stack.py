@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tarfile
 import time
@@ -410,6 +411,7 @@ class LocalStack:
         running = {name: self._read_pid(name) for name in [*kafka_names, "registry"]}
         if all(running.values()) and self.kafka_ready(cluster) and self.registry_ready():
             return False
+        self._check_ports_free(nodes, running)
         self.assemble()
         if not formatted:
             self._format(nodes)
@@ -426,6 +428,24 @@ class LocalStack:
         self._wait("the schema registry", self.registry_ready, {"registry": None})
         self._configure_registry()
         return True
+
+    def _check_ports_free(self, nodes: list[Node], running: dict[str, int | None]) -> None:
+        """Refuse to start a JVM on a port someone else holds: its readiness check would pass on them."""
+        wanted = [
+            port
+            for node in nodes
+            if running[f"kafka-{node.node_id}"] is None
+            for port in (node.broker_port, node.controller_port)
+        ]
+        if running["registry"] is None:
+            wanted += [self.settings.registry_port, self.settings.registry_management_port]
+        busy = [port for port in wanted if _port_in_use(self.settings.host, port)]
+        if busy:
+            raise StackError(
+                f"port(s) {', '.join(map(str, busy))} on {self.settings.host} are taken by another process "
+                "(another pieceflow stack?): stop it, or choose other ports with PIECEFLOW_KAFKA_PORT / "
+                "PIECEFLOW_REGISTRY_PORT / PIECEFLOW_REGISTRY_MANAGEMENT_PORT"
+            )
 
     def _stop(self, name: str, timeout: float = 30.0) -> bool:
         pid = self._read_pid(name)
@@ -495,6 +515,12 @@ class LocalStack:
 
     def healthy(self) -> dict[str, bool]:
         return {"kafka": self.kafka_ready(self.configured_nodes()), "registry": self.registry_ready()}
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
 
 
 def java_major(java: str) -> int:
