@@ -28,7 +28,7 @@ from streams import report
 from streams.batching import Held, batch_releases
 from streams.catalog import Catalog, load_catalog_yaml
 from streams.codec import AvroRegistry
-from streams.events import Event, from_epoch_ms, new_event_id
+from streams.events import Event, from_epoch_ms, new_event_id, utc_now
 from streams.readback import Collector
 from streams.reference import publish_catalog
 from streams.resources import resource_dir
@@ -154,6 +154,8 @@ class Demo:
             due = start + (release_at[order["order_id"]] if release_at else i / self.config.rate)
             while time.monotonic() < due:
                 time.sleep(min(0.01, max(0.0, due - time.monotonic())))
+            if release_at is None:  # placed now; a held order keeps the time it was placed at
+                order["occurred_at"] = order["recorded_at"] = utc_now()
             self._send("OrderPlaced", order)
             # Seeded per order, so a replay of the same orders gets the same amendments and cancellations.
             roll = random.Random(f"{self.config.seed}:{i}").random()

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     replication_factor: int = Field(default=1, description="Replication factor of pipeline topics.")
     app_id: str = Field(default="pieceflow", description="Faust application id (consumer group).")
     web_port: int = Field(default=6066, description="Worker web port (/metrics).")
+    database_url: str = Field(
+        default="postgresql://pieceflow@127.0.0.1:5433/pieceflow",
+        description="PostgreSQL the ERP sink writes to (libpq URL); the default is the private test cluster.",
+    )
+    sink_metrics_port: int = Field(default=9108, description="ERP sink /metrics port.")
     shopify_secret: str | None = Field(
         default=None,
         description="Shopify webhook signing secret; unset, /webhooks/shopify answers 401 to everything.",

@@ -1,0 +1,95 @@
+"""The null pipeline: the benchmark's baseline, the same hops as the real pipeline with no stage logic.
+
+``pieceflow bench --null`` runs workers of this app instead of ``streams.topology``. It is a separate
+Faust app, not a switch inside the real one, so the real agents stay exactly as they are. It keeps what
+the real pipeline pays for Kafka and Faust and drops what the stages add:
+
+    orders.inbound ─▶ [validate] ─▶ orders.decisions ─▶ [expand] ─▶ orders.workitems
+        ─▶ [track] ─▶ operations.requested ─▶ [assign] ─▶ stations.queue
+
+Four agents with concurrency 1, on the same topics and with the same Faust settings as the real app,
+each forwarding the raw key and value bytes of every event it reads to the next topic: no Avro
+decoding or encoding, no tables, no fan-out (one record per order per hop). The record that arrives
+on ``stations.queue.v1`` is the OrderPlaced the storefront sent, so the benchmark reads it there as
+the null pipeline's "assignment". There is no station loop, hence no dispatch, in the null pipeline.
+
+Run it with ``python -m streams.null_topology`` (with ``PIECEFLOW_APP_ID`` etc. in the environment).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import faust
+
+from streams.settings import get_settings
+from streams.topics import TopicSpec
+
+# The names only: importing streams.topology would build the real app (and its registry clients) too.
+ORDERS_INBOUND = "orders.inbound.v1"
+ORDERS_DECISIONS = "orders.decisions.v1"
+ORDERS_WORKITEMS = "orders.workitems.v1"
+OPERATIONS_REQUESTED = "operations.requested.v1"
+STATIONS_QUEUE = "stations.queue.v1"
+
+HOPS: list[tuple[str, str, str]] = [
+    ("validate", ORDERS_INBOUND, ORDERS_DECISIONS),
+    ("expand", ORDERS_DECISIONS, ORDERS_WORKITEMS),
+    ("track", ORDERS_WORKITEMS, OPERATIONS_REQUESTED),
+    ("assign", OPERATIONS_REQUESTED, STATIONS_QUEUE),
+]
+
+settings = get_settings()
+
+# Keep these exactly as in streams.topology (tests/unit/test_null_topology.py compares them).
+app = faust.App(
+    settings.app_id,
+    broker=f"kafka://{settings.kafka_bootstrap}",
+    datadir=str(settings.home.resolve() / "faust" / settings.app_id),
+    web_port=settings.web_port,
+    web_host=settings.host,
+    processing_guarantee="at_least_once",
+    producer_linger=0.0,
+    producer_acks=-1,
+    broker_commit_interval=0.5,
+    stream_buffer_maxsize=256,
+    stream_wait_empty=True,
+    stream_publish_on_commit=False,
+    consumer_auto_offset_reset="earliest",
+    topic_partitions=settings.partitions,
+    topic_replication_factor=settings.replication_factor,
+    key_serializer="raw",
+    value_serializer="raw",
+    table_cleanup_interval=3600.0,
+    web_tables_enabled=False,
+)
+
+
+def _forwarder(target: faust.TopicT) -> Any:
+    async def forward(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            await target.send(key=event.message.key, value=event.message.value)
+
+    return forward
+
+
+for _name, _source, _target in HOPS:
+    app.agent(app.topic(_source), name=f"null.{_name}", concurrency=1)(_forwarder(app.topic(_target)))
+
+
+def topic_specs() -> list[TopicSpec]:
+    """The topics the null pipeline touches (they are the real pipeline's; created by the bench)."""
+    names = [ORDERS_INBOUND, ORDERS_DECISIONS, ORDERS_WORKITEMS, OPERATIONS_REQUESTED, STATIONS_QUEUE]
+    return [TopicSpec(name, "", (), "null pipeline") for name in names]
+
+
+def main(loglevel: str = "warning") -> None:
+    Path(app.conf.datadir).parent.mkdir(parents=True, exist_ok=True)
+    sys.argv = ["pieceflow null-worker", "worker", "--loglevel", loglevel, "--web-port", str(settings.web_port)]
+    app.main()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "warning")
