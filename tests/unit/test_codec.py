@@ -1,0 +1,83 @@
+"""The wire format and its failure modes, with confluent-kafka's in-process registry double."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
+from streams.codec import AvroCodec, AvroRegistry, Decoded, DecodeError, Undecodable
+from streams.events import Event
+
+
+@pytest.fixture
+def registry() -> AvroRegistry:
+    return AvroRegistry(SchemaRegistryClient.new_client({"url": "mock://codec-test"}))
+
+
+def rejected() -> Event:
+    now = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+    return Event("OrderRejected", "shop:1", {
+        "event_id": "e1", "order_id": "shop:1", "seq": 3, "occurred_at": now, "recorded_at": now,
+        "causation_id": None, "request": "PLACE", "rejected_event_id": "e0", "reason": "PRICE_MISMATCH",
+        "detail": "total 13.00 != 12.50", "source_platform": "shop", "external_order_id": "1",
+    })
+
+
+def test_round_trip_keeps_times_and_enums(registry: AvroRegistry) -> None:
+    event = rejected()
+    data = registry.encode("orders.decisions.v1", event.type, event.value)
+    assert data[0] == 0
+    decoded = registry.decode(data)
+    assert decoded == Decoded("OrderRejected", event.value)
+
+
+def test_subjects_follow_topic_record_naming(registry: AvroRegistry) -> None:
+    event = rejected()
+    registry.encode("orders.decisions.v1", event.type, event.value)
+    assert registry.client.get_subjects() == ["orders.decisions.v1-pieceflow.v1.OrderRejected"]
+
+
+def test_money_stays_decimal(registry: AvroRegistry) -> None:
+    from connectors.shopfront import build_order
+    from streams.catalog import load_catalog_yaml
+    from streams.resources import resource_dir
+
+    catalog = load_catalog_yaml(resource_dir("deploy/catalogs") / "restaurant.yaml")
+    order = build_order(catalog, [("kung-pao-chicken", 2, [("SUBSTITUTE", "vegetable", "asparagus")])],
+                        external_id="9")
+    value = registry.decode(registry.encode("orders.inbound.v1", "OrderPlaced", order)).value
+    assert value["total"] == Decimal("28.00")
+    assert isinstance(value["lines"][0]["unit_price"], Decimal)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "shorter than the 5-byte"),
+        (b"\x01\x00\x00\x00\x01abc", "magic byte"),
+        (b"\x00\x00\x00\x7f\xffabc", "cannot be fetched"),
+    ],
+)
+def test_bad_bytes_raise_a_clear_error(registry: AvroRegistry, data: bytes, message: str) -> None:
+    with pytest.raises(DecodeError, match=message):
+        registry.decode(data)
+
+
+def test_truncated_and_padded_bodies_are_refused(registry: AvroRegistry) -> None:
+    event = rejected()
+    data = registry.encode("orders.decisions.v1", event.type, event.value)
+    with pytest.raises(DecodeError):
+        registry.decode(data[:-3])
+    with pytest.raises(DecodeError, match="trailing"):
+        registry.decode(data + b"\x00")
+
+
+def test_faust_codec_never_raises_on_receive(registry: AvroRegistry) -> None:
+    codec = AvroCodec(registry, "orders.decisions.v1")
+    assert isinstance(codec.loads(b"\x07garbage"), Undecodable)
+    event = rejected()
+    assert codec.loads(codec.dumps(event)) == Decoded(event.type, event.value)
+    assert codec.dumps(b"raw bytes") == b"raw bytes"  # dead letters keep the original bytes
