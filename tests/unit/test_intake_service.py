@@ -80,7 +80,7 @@ def shopify_body() -> bytes:
 def test_inbound_topic_is_the_topology_one() -> None:
     from streams.topology import ORDERS_INBOUND
 
-    assert INBOUND_TOPIC == ORDERS_INBOUND.name
+    assert ORDERS_INBOUND.name == INBOUND_TOPIC
 
 
 def test_signed_shopify_webhook_is_produced_then_202(footwear: Catalog, shopify_body: bytes) -> None:
