@@ -20,6 +20,7 @@ from typing import Any
 from confluent_kafka import Consumer, Producer
 
 from connectors.storefront import PRODUCER_DEFAULTS
+from streams import metrics
 from streams.catalog import Catalog
 from streams.codec import AvroRegistry, DecodeError
 from streams.events import epoch_ms, new_event_id, utc_now
@@ -191,6 +192,7 @@ class StationSimulator:
                 ready.done_at = now + ready.value["est_duration_ms"] / 1000 * self.time_scale
                 station.running.append(ready)
                 station.busy_seconds += ready.done_at - now
+                metrics.STATION_BUSY.labels(station=station.station_id).inc(ready.done_at - now)
                 self._emit("OperationStarted", station, {**self._op_body(ready), "started_at": ready.started_at,
                                                          "operator_ref": None})
         if now >= self.next_outage:

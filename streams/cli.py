@@ -319,5 +319,136 @@ def intake_serve(
         raise fail(f"{exc}; or pass --catalog") from exc
 
 
+# ---- bench --------------------------------------------------------------------------------------
+
+
+@app.command()
+def bench(
+    rate: float = typer.Option(200.0, help="Orders per second, sent open-loop at fixed intended times."),
+    duration: float = typer.Option(10.0, help="Measured seconds."),
+    warmup: float = typer.Option(3.0, help="Seconds sent at the same rate before measuring (not measured)."),
+    workers: int = typer.Option(1, help="Faust worker processes."),
+    partitions: int | None = typer.Option(
+        None, help="Partitions of the pipeline topics (default: what they have; growing needs --grow-partitions)."
+    ),
+    grow_partitions: bool = typer.Option(
+        False, "--grow-partitions", help="Allow --partitions to grow the shared topics (irreversible)."
+    ),
+    null: bool = typer.Option(False, "--null", help="Baseline: the same hops as raw pass-through, no stage logic."),
+    sweep: bool = typer.Option(False, "--sweep", help="Step the rate up; report the highest rate within the SLO."),
+    rates: str = typer.Option(
+        "250,500,1000,1500,2000,2500,3000,4000", help="Sweep rates (orders/s), comma-separated."
+    ),
+    slo_ms: float = typer.Option(25.0, help="Sweep SLO: placed→assigned p99 in milliseconds."),
+    drain_timeout: float = typer.Option(30.0, help="Seconds to wait for the last orders after the last send."),
+    seed: int = typer.Option(7, help="Random seed of the pre-built orders."),
+    shared_stack: bool = typer.Option(
+        False, "--shared-stack",
+        help="Run on the shared local stack's topics instead of a private stack (ports + 2000) started for the run.",
+    ),
+    output: Path = typer.Option(Path("bench.json"), "--output", "-o", help="JSON report file."),
+) -> None:
+    """Benchmark the pipeline: latency from intended send time to OperationAssigned and OrderDispatched.
+
+    Starts the local stack if needed, workers and an instant station simulator; stops them afterwards.
+    """
+    from streams.bench import BenchError, BenchOptions, run_bench, summary_line, write_report
+    from streams.stack import StackError
+
+    if rate <= 0 or duration <= 0 or warmup < 0 or workers < 1:
+        raise fail("--rate and --duration must be positive, --warmup not negative, --workers at least 1")
+    try:
+        sweep_rates = tuple(float(r) for r in rates.split(",") if r.strip())
+    except ValueError as exc:
+        raise fail(f"--rates: {exc}") from exc
+    options = BenchOptions(
+        rate=rate, duration=duration, warmup=warmup, workers=workers, partitions=partitions,
+        grow_partitions=grow_partitions, null=null, sweep=sweep, sweep_rates=sweep_rates, slo_ms=slo_ms,
+        drain_timeout=drain_timeout, seed=seed, private_stack=not shared_stack,
+    )
+    try:
+        report = run_bench(options, get_settings())
+    except (BenchError, StackError, RuntimeError) as exc:
+        raise fail(str(exc)) from exc
+    write_report(report, output)
+    steps = report["steps"] if sweep else [report]
+    typer.echo(f"\nBench ({report['bench']['mode']}, {workers} worker(s), {report['bench']['partitions']} partitions, "
+               f"{report['machine']['cpus']} CPUs):", err=True)
+    for step in steps:
+        typer.echo(summary_line(step), err=True)
+    if sweep:
+        best = report["sweep"]["max_rate_within_slo"]
+        typer.echo(f"Highest rate within {report['sweep']['slo']}: {best if best is not None else 'none'}", err=True)
+    typer.echo(f"Report written to {output}", err=True)
+
+
+# ---- sink ---------------------------------------------------------------------------------------
+
+sink_app = typer.Typer(help="Downstream: the ERP tables in PostgreSQL (PIECEFLOW_DATABASE_URL).", no_args_is_help=True)
+app.add_typer(sink_app, name="sink")
+
+
+@sink_app.command("migrate")
+def sink_migrate() -> None:
+    """Apply the ERP schema migrations the database does not have yet."""
+    import psycopg
+
+    from connectors.erp.schema import MigrationError, migrate_url
+
+    url = get_settings().database_url
+    try:
+        applied = migrate_url(url)
+    except (psycopg.Error, MigrationError) as exc:
+        raise fail(f"{url}: {exc}") from exc
+    names = ", ".join(f"{m.version:03d}_{m.name}" for m in applied)
+    typer.echo(f"Applied {len(applied)} migration(s): {names}" if applied else "The schema is up to date.")
+
+
+@sink_app.command("erp")
+def sink_erp(
+    group: str | None = typer.Option(None, "--group", help="Consumer group (default: <PIECEFLOW_APP_ID>-erp-sink)."),
+    instance_id: str | None = typer.Option(
+        None, "--instance-id", help="Static group membership id: a restart under it takes its partitions back at once."
+    ),
+    migrate: bool = typer.Option(True, "--migrate/--no-migrate", help="Apply pending migrations at start."),
+    loglevel: str = typer.Option("info", "--loglevel", "-l", help="Log level."),
+) -> None:
+    """Upsert order, operation and dispatch events into PostgreSQL, until Ctrl-C or SIGTERM."""
+    import logging
+    import signal
+    import threading
+
+    import psycopg
+
+    from connectors.erp.schema import MigrationError, migrate_url
+    from connectors.erp.sink import ErpSink, SinkUnavailable
+    from streams.metrics import serve_metrics
+
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "httpx2"):  # one INFO line per registry lookup drowns the sink's own lines
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
+    settings = get_settings()
+    if migrate:
+        try:
+            migrate_url(settings.database_url)
+        except (psycopg.Error, MigrationError) as exc:
+            raise fail(f"{settings.database_url}: {exc}") from exc
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    serve_metrics(settings.sink_metrics_port, settings.host)
+    sink = ErpSink(settings, group_id=group, instance_id=instance_id)
+    typer.echo(
+        f"ERP sink: group {sink.group_id}, Kafka {settings.kafka_bootstrap}, metrics at "
+        f"http://{settings.host}:{settings.sink_metrics_port}/metrics",
+        err=True,
+    )
+    try:
+        totals = sink.run(stop)
+    except SinkUnavailable as exc:
+        raise fail(str(exc)) from exc
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(totals.outcomes.items())) or "nothing"
+    typer.echo(f"ERP sink stopped: {counts}.", err=True)
+
 def main() -> None:
     app()

@@ -29,6 +29,7 @@ from streams.batching import Held, batch_releases
 from streams.catalog import Catalog, load_catalog_yaml
 from streams.codec import AvroRegistry
 from streams.events import Event, from_epoch_ms, new_event_id, utc_now
+from streams.metrics import serve_metrics
 from streams.readback import Collector
 from streams.reference import publish_catalog
 from streams.resources import resource_dir
@@ -74,6 +75,11 @@ class Demo:
 
     def start(self) -> None:
         self.stack.up(cluster=self.stack.configured_nodes())
+        if self.settings.demo_metrics_port:
+            try:
+                serve_metrics(self.settings.demo_metrics_port, self.settings.host)
+            except OSError as exc:  # metrics are a bonus; a taken port must not stop the demo
+                self.console.print(f"[yellow]no /metrics on port {self.settings.demo_metrics_port}: {exc}[/yellow]")
         self.settings = self.settings.model_copy(
             update={"bootstrap_servers": self.stack.bootstrap(), "registry_url": self.stack.registry_url()}
         )

@@ -91,7 +91,7 @@ DEAD_LETTERS = Counter(
 )
 CONSUMER_LAG = Gauge(
     "pieceflow_consumer_lag_messages",
-    "Messages between a partition's end offset and the worker's committed offset.",
+    "Messages between a partition's end offset and the worker's position in it.",
     ["topic", "partition"],
 )
 

@@ -85,11 +85,11 @@ def topic_specs() -> list[TopicSpec]:
     return [TopicSpec(name, "", (), "null pipeline") for name in names]
 
 
-def main(loglevel: str = "warning") -> None:
+def main(loglevel: str = "warn") -> None:
     Path(app.conf.datadir).parent.mkdir(parents=True, exist_ok=True)
     sys.argv = ["pieceflow null-worker", "worker", "--loglevel", loglevel, "--web-port", str(settings.web_port)]
     app.main()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "warning")
+    main(sys.argv[1] if len(sys.argv) > 1 else "warn")

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from streams import metrics
 from streams.events import Event, epoch_ms
 from streams.stages.assignment import LaneState
+from streams.stages.dispatch import TERMINAL, OrderProgress
 
 _MS = 1000.0
 
@@ -42,6 +43,21 @@ def dispatch(outputs: Iterable[Event]) -> None:
         metrics.ORDER_LEAD_TIME_RATIO.observe(lead["lead_to_work_ratio"])
         for part in ("queue", "work", "sibling_wait", "dispatch"):
             metrics.ORDER_STAGE.labels(part=part).observe(lead[f"{part}_ms"] / _MS)
+
+
+# Promised dispatch time (epoch ms) of the open orders this worker tracks, for the overdue gauge.
+_promises: dict[str, int] = {}
+
+
+def promise(state: OrderProgress) -> None:
+    if state.promised_by_ms and state.state not in TERMINAL:
+        _promises[state.order_id] = state.promised_by_ms
+    else:
+        _promises.pop(state.order_id, None)
+
+
+def overdue(now_ms: int) -> None:
+    metrics.ORDERS_OVERDUE.set(sum(1 for promised in _promises.values() if promised < now_ms))
 
 
 def lane(state: LaneState) -> None:

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     replication_factor: int = Field(default=1, description="Replication factor of pipeline topics.")
     app_id: str = Field(default="pieceflow", description="Faust application id (consumer group).")
     web_port: int = Field(default=6066, description="Worker web port (/metrics).")
+    demo_metrics_port: int = Field(
+        default=9100, description="Demo /metrics port (the station simulator's utilisation); 0 turns it off."
+    )
     database_url: str = Field(
         default="postgresql://pieceflow@127.0.0.1:5433/pieceflow",
         description="PostgreSQL the ERP sink writes to (libpq URL); the default is the private test cluster.",

@@ -25,10 +25,10 @@ from typing import Any
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from streams import observe
+from streams import metrics, observe
 from streams.catalog import Catalog
 from streams.codec import AvroCodec, AvroRegistry, Decoded
-from streams.events import Event, utc_now
+from streams.events import Event, epoch_ms, utc_now
 from streams.reference import PRODUCTS_TOPIC, STATIONS_TOPIC, ReferenceData
 from streams.runner import StageRunner
 from streams.settings import get_settings
@@ -146,6 +146,18 @@ async def refresh_reference_data() -> None:
     reference.refresh()
 
 
+@app.timer(interval=5.0)
+async def report_health() -> None:
+    """Lag per assigned partition and overdue orders, for the flow-health and lead-time dashboards."""
+    consumer = app.consumer
+    for tp in consumer.assignment():
+        position = await consumer.position(tp)
+        if position is not None:
+            lag = max(0, consumer.highwater(tp) - position)
+            metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+    observe.overdue(epoch_ms(utc_now()))
+
+
 def key_of(event: faust.EventT) -> str:
     key = event.message.key
     return key.decode() if isinstance(key, bytes) else str(key)
@@ -225,6 +237,7 @@ async def track(stream: faust.StreamT) -> None:
         state = dispatch.OrderProgress.from_dict(order_progress.get(key))
         out = await track_runner.run(event, partial(dispatch_step, state))
         observe.dispatch(out)
+        observe.promise(state)
         order_progress[key] = state.to_dict()
 
 
