@@ -24,6 +24,8 @@ setup() {
   command -v mvn >/dev/null || missing+=(maven)
   command -v python3 >/dev/null || missing+=(python3 python3-venv)
   command -v promtool >/dev/null || missing+=(prometheus)
+  # The ERP sink's tests run a private PostgreSQL cluster from the Debian server package.
+  compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
   if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
   if [ ! -x .venv/bin/python ]; then
     echo "Creating .venv..." >&2

@@ -27,7 +27,14 @@ import psycopg
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, Message, TopicPartition
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from prometheus_client import Counter as MetricCounter
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    stop_when_event_set,
+    wait_exponential,
+)
 
 from connectors.erp.rows import TOPICS, Unmapped, change_for
 from connectors.erp.store import apply_change
@@ -89,19 +96,27 @@ class BatchResult:
     rows: Counter[str] = field(default_factory=Counter)
 
 
+def coordinates(m: Message) -> tuple[str, int, int]:
+    """Topic, partition and offset of a consumed record (only error events lack them)."""
+    topic, partition, offset = m.topic(), m.partition(), m.offset()
+    if topic is None or partition is None or offset is None:
+        raise ValueError("a consumed record without topic, partition or offset")
+    return topic, partition, offset
+
+
 def _first_offsets(records: Iterable[Message]) -> dict[tuple[str, int], int]:
     first: dict[tuple[str, int], int] = {}
     for m in records:
-        tp = (m.topic(), m.partition())
-        first[tp] = min(first.get(tp, m.offset()), m.offset())
+        topic, partition, offset = coordinates(m)
+        first[(topic, partition)] = min(first.get((topic, partition), offset), offset)
     return first
 
 
 def _next_offsets(records: Iterable[Message]) -> list[TopicPartition]:
     last: dict[tuple[str, int], int] = {}
     for m in records:
-        tp = (m.topic(), m.partition())
-        last[tp] = max(last.get(tp, m.offset()), m.offset())
+        topic, partition, offset = coordinates(m)
+        last[(topic, partition)] = max(last.get((topic, partition), offset), offset)
     return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in last.items()]
 
 
@@ -113,6 +128,7 @@ class ErpSink:
         settings: Settings,
         *,
         group_id: str | None = None,
+        instance_id: str | None = None,
         registry: AvroRegistry | None = None,
         batch_size: int = 500,
         poll_timeout: float = 0.5,
@@ -120,6 +136,7 @@ class ErpSink:
     ) -> None:
         self.settings = settings
         self.group_id = group_id or f"{settings.app_id}-erp-sink"
+        self.instance_id = instance_id
         self.registry = registry or AvroRegistry.from_url(settings.schema_registry_url)
         self.batch_size = batch_size
         self.poll_timeout = poll_timeout
@@ -130,11 +147,21 @@ class ErpSink:
         self.totals = BatchResult()
         self._failing_since: float | None = None
         self._failures = 0
+        self._stop = threading.Event()
+
+    @property
+    def consecutive_failures(self) -> int:
+        """Batches rolled back since the last one that went through."""
+        return self._failures
 
     # ---- Kafka --------------------------------------------------------------------------------
 
     def consumer_config(self) -> dict[str, Any]:
+        static = {"group.instance.id": self.instance_id} if self.instance_id else {}
         return {
+            # Static membership: a sink restarted under the same id (a supervisor restarting it
+            # after a crash) gets its partitions back at once instead of after the session timeout.
+            **static,
             "bootstrap.servers": self.settings.kafka_bootstrap,
             "group.id": self.group_id,
             "client.id": "pieceflow-erp-sink",
@@ -148,6 +175,7 @@ class ErpSink:
 
     def run(self, stop: threading.Event) -> BatchResult:
         """Consume until ``stop`` is set; returns the totals of this run."""
+        self._stop = stop
         consumer = Consumer(self.consumer_config())
         consumer.subscribe(list(TOPICS), on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
@@ -156,6 +184,11 @@ class ErpSink:
                 messages = consumer.consume(self.batch_size, self.poll_timeout)
                 if messages:
                     self.handle_batch(consumer, messages)
+        except SinkUnavailable:
+            if not stop.is_set():
+                raise
+            # Asked to stop while waiting for the database: nothing was lost, offsets are behind it.
+            log.info("stopped while waiting for the database")
         finally:
             # close() leaves the group at once, so a restarted sink gets the partitions back
             # without waiting for the session timeout.
@@ -189,9 +222,7 @@ class ErpSink:
         try:
             result = self._apply(records)
         except TransientFailure as exc:
-            log.warning(
-                "rolled back %d record(s), replaying from the last committed offsets: %s", len(records), exc
-            )
+            log.warning("rolled back %d record(s), replaying from the last committed offsets: %s", len(records), exc)
             self._rewind(consumer, records)
             self._recover(exc)
             return None
@@ -247,12 +278,14 @@ class ErpSink:
         def note(state: RetryCallState) -> None:
             outcome = state.outcome
             error = outcome.exception() if outcome is not None else None
-            log.warning("database unavailable (attempt %d): %s", state.attempt_number, str(error).strip())
+            log.warning("database unavailable (attempt %d): %s", state.attempt_number, " ".join(str(error).split()))
 
         retrying = Retrying(
             retry=retry_if_exception_type(psycopg.OperationalError),
             wait=wait_exponential(multiplier=0.1, max=MAX_BACKOFF_S),
-            stop=stop_after_delay(self.retry_timeout),
+            # A shutdown request ends the wait at once instead of after the whole retry budget.
+            stop=stop_after_delay(self.retry_timeout) | stop_when_event_set(self._stop),
+            sleep=self._pause,
             before_sleep=note,
             reraise=True,
         )
@@ -268,6 +301,10 @@ class ErpSink:
             ) from exc
         if retrying.statistics.get("attempt_number", 1) > 1:
             log.info("database connection re-established")
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, but wake up for a shutdown request."""
+        self._stop.wait(seconds)
 
     def _disconnect(self) -> None:
         if self.conn is not None:
@@ -287,7 +324,7 @@ class ErpSink:
             self._connect()
         else:
             # The database is fine (the registry was not): pause before the replay.
-            time.sleep(min(MAX_BACKOFF_S, 0.1 * 2**self._failures))
+            self._pause(min(MAX_BACKOFF_S, 0.1 * 2**self._failures))
 
     def _apply(self, records: list[Message]) -> BatchResult:
         if self.conn is None:
@@ -303,11 +340,14 @@ class ErpSink:
                 for m in records:
                     result.outcomes[self._apply_one(conn, cur, m, result)] += 1
         except TRANSIENT_DB as exc:
-            raise TransientFailure(f"database: {str(exc).strip()}") from exc
+            raise TransientFailure(f"database: {' '.join(str(exc).split())}") from exc
         return result
 
-    def _apply_one(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], m: Message, result: BatchResult) -> str:
-        where = f"{m.topic()}[{m.partition()}]@{m.offset()}"
+    def _apply_one(
+        self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], m: Message, result: BatchResult
+    ) -> str:
+        topic, partition, offset = coordinates(m)
+        where = f"{topic}[{partition}]@{offset}"
         raw = m.value()
         if raw is None:
             return "tombstone"  # compaction markers on the status topic carry no event
@@ -319,7 +359,7 @@ class ErpSink:
             log.warning("skipping undecodable record %s: %s", where, exc)
             return "undecodable"
         try:
-            change = change_for(m.topic(), decoded.type, decoded.value)
+            change = change_for(topic, decoded.type, decoded.value)
         except Unmapped as exc:
             log.info("skipping %s: %s", where, exc)
             return "unmapped"
@@ -328,7 +368,7 @@ class ErpSink:
             return "unmapped"
         try:
             with conn.transaction():  # a savepoint: a refused row skips this event, not the batch
-                written = apply_change(cur, change, m.topic(), m.partition(), m.offset())
+                written = apply_change(cur, change, topic, partition, offset)
         except REFUSED_BY_DB as exc:
             log.error("database refused %s %s at %s: %s", decoded.type, change.event_id, where, exc)
             return "refused"

@@ -30,6 +30,12 @@ _NEWER_ASSIGNMENT: Final = "{t}.assigned_at IS NULL OR excluded.assigned_at >= {
 _DECIDED: Final = "excluded.decision = 'REJECTED' AND {t}.decision IN ('ACCEPTED', 'CANCELLED')"
 
 
+_ASSIGNMENT_COLUMNS: Final = (
+    "assigned_station_id", "assigned_at", "attempt", "assign_reason", "rush",
+    "queue_position", "predicted_start", "predicted_end",
+)  # fmt: skip
+
+
 def _when(condition: str, column: str) -> str:
     return f"CASE WHEN {condition} THEN excluded.{column} ELSE {{t}}.{column} END"
 
@@ -49,13 +55,7 @@ MERGE_RULES: Final[dict[str, dict[str, str]]] = {
         **{c: _when(_AT_LEAST_AS_NEW, c) for c in ("status", "status_rank", "status_at")},
         # A reassignment (after a failure or a station outage) replaces the older assignment,
         # never the other way round: the two can sit on different station-keyed partitions.
-        **{
-            c: _when(_NEWER_ASSIGNMENT, c)
-            for c in (
-                "assigned_station_id", "assigned_at", "attempt", "assign_reason", "rush",
-                "queue_position", "predicted_start", "predicted_end",
-            )
-        },  # fmt: skip
+        **{c: _when(_NEWER_ASSIGNMENT, c) for c in _ASSIGNMENT_COLUMNS},
         "failures": "{t}.failures + excluded.failures",
     },
 }
@@ -83,7 +83,7 @@ def upsert_statement(table: str, key: tuple[str, ...], columns: tuple[str, ...])
         return found
     rules = MERGE_RULES.get(table, {})
     t = sql.Identifier(table)
-    sets = [
+    sets: list[sql.Composable] = [
         sql.SQL("{} = {}").format(
             sql.Identifier(c),
             sql.SQL(rules[c]).format(t=t) if c in rules else sql.SQL("excluded.{}").format(sql.Identifier(c)),

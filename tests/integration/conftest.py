@@ -90,3 +90,24 @@ def fault_stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) ->
         pytest.fail(f"the fault-test stack could not start: {exc}", pytrace=False)
     yield local
     local.down(purge=True)
+
+
+@pytest.fixture(scope="session")
+def postgres(settings: Settings) -> Iterator[object]:
+    """The private PostgreSQL cluster (connectors/erp/localdb.py) at PIECEFLOW_DATABASE_URL, migrated.
+
+    Started here when it is not running and stopped again if this session started it; a server
+    that cannot start fails the tests with its log tail, it never skips them.
+    """
+    from connectors.erp.localdb import LocalDbError, LocalPostgres
+    from connectors.erp.schema import migrate_url
+
+    db = LocalPostgres(settings)
+    try:
+        started = db.start()
+        migrate_url(settings.database_url)
+    except LocalDbError as exc:
+        pytest.fail(f"PostgreSQL could not start: {exc}", pytrace=False)
+    yield db
+    if started:
+        db.stop()
