@@ -102,13 +102,14 @@ class StationSimulator:
     # ---- queue ----------------------------------------------------------------------------------
 
     def on_queue_event(self, kind: str, value: dict[str, Any]) -> None:
+        if kind not in ("OperationAssigned", "OperationUnassigned"):
+            log.warning("ignoring a %s on the station queue topic", kind)
+            return
         station = self.stations.get(value["station_id"])
         if station is None:
             return
         if kind == "OperationUnassigned":
             station.queue = [j for j in station.queue if j.value["op_id"] != value["op_id"]]
-            return
-        if kind != "OperationAssigned":
             return
         if any(j.value["op_id"] == value["op_id"] for j in station.queue + station.running):
             return  # a replayed assignment
