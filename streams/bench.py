@@ -17,10 +17,17 @@ How a run goes (see ``run_bench``):
    clock: latency = receipt - intended send time, into HdrHistograms (µs, 3 significant digits).
 6. After the last send the run drains (bounded), then reports counts, latencies, throughput and CPU.
 
+By default the bench runs on a private one-node stack of its own (the shared stack's jars, its own
+data, ports + 2000), started for the run and purged after it. The topic names are fixed, so on the
+shared stack (``--shared-stack``) every other pipeline app would also process the bench's orders (and
+its workers theirs), skewing both, and every app id that starts later would replay the bench's
+thousands of orders. ``--shared-stack`` is still there for a quick look; the report then names other
+consumer groups that were live on the pipeline topics (``foreign_consumers``) and counts records on
+``orders.inbound.v1`` that the bench did not send (``foreign_inbound``). ``--null`` always runs
+private: its pass-through records would be dead-lettered by any real agent that read them.
+
 Everything the bench started is stopped and its Faust-internal topics and groups are deleted; the
-stack is left running. One caveat: the bench uses the pipeline's standard topics, so another pipeline
-running on the same stack at the same time would exchange station work with it; ``foreign_inbound``
-in the output counts records on ``orders.inbound.v1`` that the bench did not send.
+shared stack is left running.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -59,7 +66,7 @@ from streams.events import Event
 from streams.resources import resource_dir
 from streams.settings import Settings
 from streams.stack import LocalStack
-from streams.topics import TopicSpec, ensure_topics
+from streams.topics import TopicSpec, ensure_internal_topics, ensure_topics, start_group_at_end
 
 INBOUND = "orders.inbound.v1"
 DECISIONS = "orders.decisions.v1"
@@ -304,6 +311,12 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs have spent busy since boot (everything but idle and iowait), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
+    return (sum(fields) - fields[3] - fields[4]) / CLOCK_TICK
+
+
 def own_cpu_seconds() -> float:
     times = os.times()
     return times.user + times.system
@@ -322,6 +335,8 @@ class Child:
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path) -> None:
         self.name = name
         self.log = log
+        self._checked = -1
+        self._crashed = False
         with log.open("wb") as out:
             self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
@@ -331,6 +346,15 @@ class Child:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def crashed_agent(self) -> bool:
+        """True once the log shows a crashed Faust agent."""
+        with contextlib.suppress(OSError):
+            size = self.log.stat().st_size
+            if size != self._checked:
+                self._checked = size
+                self._crashed = "Crashed reason=" in self.log.read_text(errors="replace")
+        return self._crashed
 
     def tail(self, lines: int = 40) -> str:
         with contextlib.suppress(OSError):
@@ -428,6 +452,8 @@ class Bench:
         shared = LocalStack(base, echo=self.echo)
         shared.assemble()
         home = base.home.resolve() / "bench-stack"
+        if home.exists() and any(c.running for c in LocalStack(base.model_copy(update={"home": home})).status()):
+            raise BenchError(f"another bench's private stack is running in {home}: one bench at a time")
         shutil.rmtree(home, ignore_errors=True)
         home.mkdir(parents=True)
         (home / "dist").symlink_to(shared.dist)
@@ -446,9 +472,21 @@ class Bench:
         stack.up()
         return stack
 
+    def _wait_for_topics(self, names: set[str], timeout: float = 30.0) -> dict[str, Any]:
+        """Cluster metadata once every topic named shows partitions (a fresh broker lags topic creation)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            meta = self.admin.list_topics(timeout=10).topics
+            if all(n in meta and len(meta[n].partitions) > 0 for n in names):
+                return dict(meta)
+            if time.monotonic() > deadline:
+                missing = sorted(n for n in names if n not in meta or not meta[n].partitions)
+                raise BenchError(f"topics missing from the cluster metadata after {timeout:.0f}s: {missing}")
+            time.sleep(0.2)
+
     def _partitions(self, topics: list[TopicSpec]) -> int:
-        meta = self.admin.list_topics(timeout=10).topics
-        counts = {spec.name: len(meta[spec.name].partitions) for spec in topics if spec.name in meta}
+        meta = self._wait_for_topics({spec.name for spec in topics})
+        counts = {spec.name: len(meta[spec.name].partitions) for spec in topics}
         existing = counts[INBOUND]
         wanted = self.options.partitions
         if wanted is None or wanted == existing:
@@ -472,21 +510,6 @@ class Bench:
                 raise BenchError(f"could not grow {name} to {wanted} partitions: {exc}") from exc
         return wanted
 
-    def _commit_ends(self, group: str, topics: Iterable[str]) -> None:
-        """Give a fresh consumer group committed offsets at the topics' ends, so it skips their history."""
-        consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap, "group.id": group,
-                             "enable.auto.commit": False})
-        try:
-            offsets = []
-            for topic in topics:
-                meta = consumer.list_topics(topic, timeout=10).topics[topic]
-                for p in meta.partitions:
-                    high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                    offsets.append(TopicPartition(topic, p, high))
-            consumer.commit(offsets=offsets, asynchronous=False)
-        finally:
-            consumer.close()
-
     def child_env(self, **extra: str) -> dict[str, str]:
         return {
             **os.environ,
@@ -503,9 +526,12 @@ class Bench:
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
         pipeline_topics = [s.name for s in TOPICS if s.name not in CATALOG_TOPICS]
-        self._commit_ends(self.app_id, pipeline_topics)
+        start_group_at_end(self.app_id, pipeline_topics, self.settings)
         if not self.options.null:
-            self._commit_ends(self.sim_group, [QUEUE])
+            from streams import topology
+
+            ensure_internal_topics(self.app_id, list(topology.app.tables), self.settings)
+            start_group_at_end(self.sim_group, [QUEUE], self.settings)
         for n in range(1, self.options.workers + 1):
             env = self.child_env(PIECEFLOW_WEB_PORT=str(free_port(self.settings.host)))
             cmd = ([sys.executable, "-m", "streams.null_topology", "warn"] if self.options.null
@@ -523,6 +549,8 @@ class Bench:
         for child in self.children:
             if not child.alive():
                 raise BenchError(f"{child.name} exited with code {child.proc.returncode}:\n{child.tail()}")
+            if child.crashed_agent():
+                raise BenchError(f"an agent crashed in {child.name} (Faust keeps the process up):\n{child.tail()}")
 
     def group_members(self) -> tuple[str, int]:
         future = self.admin.describe_consumer_groups([self.app_id], request_timeout=5)[self.app_id]
@@ -663,6 +691,7 @@ class Bench:
                 if i == warmup_n:
                     cpu_start = {name: cpu_seconds(pid) for name, pid in pids.items()}
                     cpu_start["bench"] = own_cpu_seconds()
+                    cpu_start["machine"] = machine_busy_seconds()
                     wall_start = time.monotonic()
                 remaining = intended - perf()
                 if remaining > SPIN_NS:
@@ -685,6 +714,7 @@ class Bench:
             if warmup_n == total:  # nothing measured: still take a CPU window
                 cpu_start = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 cpu_start["bench"] = own_cpu_seconds()
+                cpu_start["machine"] = machine_busy_seconds()
                 wall_start = time.monotonic()
             unflushed = producer.flush(30)
             # Drain: until every order is through (or the bound).
@@ -706,6 +736,7 @@ class Bench:
             time.sleep(0.3)  # late duplicates, if any
             cpu_end = {name: cpu_seconds(pid) for name, pid in pids.items()}
             cpu_end["bench"] = own_cpu_seconds()
+            cpu_end["machine"] = machine_busy_seconds()
             wall = time.monotonic() - wall_start
         finally:
             receiver.close()
@@ -747,13 +778,15 @@ class Bench:
         last_ns = seen.last_assign_ns if self.options.null else seen.last_dispatch_ns
         span_sent = max(1e-9, (sent_end - measured_t0) / 1e9)
         span_done = max(1e-9, (last_ns - measured_t0) / 1e9) if last_ns else None
-        processes = []
+        processes: list[dict[str, Any]] = []
         for name in cpu_end:
             start, end = cpu_start.get(name), cpu_end.get(name)
-            if start is None or end is None:
+            if start is None or end is None or name == "machine":
                 continue
             processes.append({"name": name, "cpu_s": round(end - start, 3),
                               "cores": round((end - start) / wall, 3) if wall > 0 else None})
+        busy = (cpu_end.get("machine") or 0.0) - (cpu_start.get("machine") or 0.0)
+        other_cpu = busy - sum(p["cpu_s"] for p in processes)
         counts = {
             "sent": sent,
             "warmup_sent": warmup_n,
@@ -784,7 +817,14 @@ class Bench:
                 "placed_to_dispatched": None if self.options.null else summarize(seen.to_dispatched),
                 "send_delay": summarize(send_delay),
             },
-            "cpu": {"window_s": round(wall, 3), "processes": processes},
+            "cpu": {
+                "window_s": round(wall, 3),
+                "window": "first measured send to the end of the drain",
+                "processes": processes,
+                "machine_busy_cores": round(busy / wall, 3) if wall > 0 else None,
+                # Everything else on the machine (other sessions, the kernel): noise in the numbers.
+                "other_cores": round(other_cpu / wall, 3) if wall > 0 else None,
+            },
             "drain": {"timeout_s": self.options.drain_timeout, "seconds": round(drained, 3),
                       "complete": through + len(seen.rejected) >= sent},
             "out_of_order_examples": seen.examples,
@@ -821,10 +861,11 @@ class Bench:
             raise BenchError("--null needs the bench's private stack: its pass-through records would reach the "
                              "real agents of any other pipeline on the shared topics and be dead-lettered there")
         started_at = datetime.now(UTC)
-        catalog = self.prepare_stack()
-        producer = Producer({"bootstrap.servers": self.settings.kafka_bootstrap, **PRODUCER_DEFAULTS})
         steps: list[dict[str, Any]] = []
+        producer: Producer | None = None
         try:
+            catalog = self.prepare_stack()
+            producer = Producer({"bootstrap.servers": self.settings.kafka_bootstrap, **PRODUCER_DEFAULTS})
             self.start_children()
             ready = self.wait_ready(catalog, producer)
             self.echo(f"Pipeline warm after {ready:.1f}s ({self.partitions} partitions, {opts.workers} worker(s)).")
@@ -838,11 +879,14 @@ class Bench:
                 if opts.sweep:
                     time.sleep(1.0)
         finally:
-            producer.flush(10)
-            del producer
+            if producer is not None:
+                producer.flush(10)
+                del producer
             gc.collect()  # let librdkafka's clients go before their broker does
             self.stop_children()
             self.clean_up()
+            self.__dict__.pop("admin", None)
+            gc.collect()
             if self.private is not None:
                 self.echo("Stopping the bench's private stack...")
                 self.private.down(purge=True)
@@ -904,7 +948,7 @@ def summary_line(step: dict[str, Any]) -> str:
         f"  lost {counts['lost']}, duplicated {counts['duplicated']}, out-of-order {counts['out_of_order']}, "
         f"rejected {counts['rejected']}, foreign inbound {counts['foreign_inbound']}"
         + (f", OTHER CONSUMERS: {', '.join(counts['foreign_consumers'])}" if counts["foreign_consumers"] else ""),
-        f"  CPU (cores): {cpu}",
+        f"  CPU (cores): {cpu}; everything else on the machine {step['cpu']['other_cores']}",
     ]
     return "\n".join(parts)
 

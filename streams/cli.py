@@ -12,7 +12,7 @@ import typer
 from streams.resources import resource_dir
 from streams.settings import get_settings
 from streams.stack import LocalStack, StackError, log_tail
-from streams.topics import ensure_topics
+from streams.topics import ensure_internal_topics, ensure_topics
 
 app = typer.Typer(
     help="pieceflow: order management at a batch size of one, on Apache Kafka.",
@@ -175,17 +175,24 @@ def catalog_load(
 
 @app.command()
 def worker(
-    loglevel: str = typer.Option("warning", "--loglevel", "-l", help="Faust log level."),
+    loglevel: str = typer.Option("warn", "--loglevel", "-l", help="Faust log level: crit, error, warn, info, debug."),
 ) -> None:
     """Run a pipeline worker: every agent (validate, expand, track, assign, reroute) in one process.
 
     Start more workers (with their own PIECEFLOW_WEB_PORT) to share the partitions.
     """
+    import logging
+
+    import mode.loop
+
+    # uvloop takes a good share of the event loop's overhead off every message.
+    mode.loop.use("uvloop")
     from streams import topology
 
     settings = get_settings()
     try:
         ensure_topics(topology.TOPICS, settings)
+        ensure_internal_topics(settings.app_id, list(topology.app.tables), settings)
         catalog = topology.reference.load()
     except RuntimeError as exc:
         raise fail(str(exc)) from exc
@@ -197,6 +204,9 @@ def worker(
         err=True,
     )
     Path(topology.app.conf.datadir).parent.mkdir(parents=True, exist_ok=True)
+    # Both libraries build debug records on every send unless their loggers are above DEBUG.
+    for noisy in ("aiokafka", "faust.topics", "faust.transport"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     sys.argv = ["pieceflow worker", "worker", "--loglevel", loglevel, "--web-port", str(settings.web_port)]
     topology.app.main()
 

@@ -35,8 +35,8 @@ from streams.reference import publish_catalog
 from streams.resources import resource_dir
 from streams.settings import Settings
 from streams.stack import LocalStack
-from streams.topics import ensure_topics
-from streams.topology import ORDERS_DECISIONS, ORDERS_INBOUND, ORDERS_LEADTIME, ORDERS_STATUS, TOPICS
+from streams.topics import ensure_topics, start_group_at_end
+from streams.topology import ORDERS_DECISIONS, ORDERS_INBOUND, ORDERS_LEADTIME, ORDERS_STATUS, STATIONS_QUEUE, TOPICS
 from streams.workers import WorkerProcess
 
 TERMINAL_STATES = ("DISPATCHED", "CANCELLED", "FAILED")
@@ -93,6 +93,9 @@ class Demo:
         self.collector = Collector(
             self.settings, self.registry, [ORDERS_DECISIONS.name, ORDERS_STATUS.name, ORDERS_LEADTIME.name]
         )
+        start_group_at_end("pieceflow-demo", [t.name for t in TOPICS if not t.name.startswith("catalog.")],
+                           self.settings)
+        start_group_at_end("pieceflow-demo-stations", [STATIONS_QUEUE.name], self.settings)
         self.console.print(
             f"Starting a worker and {self.config.scenario} stations (time scale {self.config.time_scale})"
         )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.settings import Settings
@@ -62,3 +63,55 @@ def ensure_topics(specs: list[TopicSpec], settings: Settings, timeout: float = 3
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise RuntimeError(f"could not create topic {name}: {exc}") from exc
     return [t.topic for t in wanted]
+
+
+def ensure_internal_topics(app_id: str, tables: list[str], settings: Settings, timeout: float = 30.0) -> None:
+    """Create a Faust app's table changelogs (compacted, co-partitioned) and its leader topic.
+
+    Faust would create them itself, but on a fresh broker it can look a just-created changelog up
+    before the metadata has it, and the agent then crashes with PartitionsMismatch ("changelog has
+    0 partitions"). Created up front, they are simply there.
+    """
+    specs = [
+        TopicSpec(f"{app_id}-{table}-changelog", "table key", ("state",), "Faust", compacted=True)
+        for table in tables
+    ]
+    ensure_topics(specs, settings, timeout)
+    leader = TopicSpec(f"{app_id}-__assignor-__leader", "-", ("-",), "Faust")
+    ensure_topics([leader], settings.model_copy(update={"partitions": 1}), timeout)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    wanted = {spec.name for spec in specs} | {leader.name}
+    deadline = time.monotonic() + timeout
+    while True:
+        topics = admin.list_topics(timeout=timeout).topics
+        if all(name in topics and topics[name].partitions for name in wanted):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Kafka did not show the internal topics of {app_id} within {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def start_group_at_end(group: str, topics: list[str], settings: Settings, timeout: float = 10.0) -> bool:
+    """Give a consumer group that has never committed offsets at the topics' current ends.
+
+    For throwaway groups (tests, demo, benchmark) on a long-lived stack: they start with what comes
+    next, not with everyone's history. A group with commits is left alone; returns whether it was new.
+    """
+    consumer = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": group, "enable.auto.commit": False}
+    )
+    try:
+        partitions = []
+        for topic in topics:
+            meta = consumer.list_topics(topic, timeout=timeout).topics[topic]
+            partitions += [TopicPartition(topic, p) for p in meta.partitions]
+        if any(tp.offset >= 0 for tp in consumer.committed(partitions, timeout=timeout)):
+            return False
+        ends = [
+            TopicPartition(tp.topic, tp.partition, consumer.get_watermark_offsets(tp, timeout=timeout)[1])
+            for tp in partitions
+        ]
+        consumer.commit(offsets=ends, asynchronous=False)
+        return True
+    finally:
+        consumer.close()

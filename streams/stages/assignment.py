@@ -26,15 +26,17 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from streams.catalog import Catalog
 from streams.events import Event, derived_event_id, envelope, epoch_ms, from_epoch_ms
 
-# Recently finished op ids remembered to drop replayed requests; far more than are in flight.
-FINISHED_MEMORY = 5000
+# Recently finished op ids remembered to drop requests replayed after a crash. A replay covers at
+# most the events since the last offset commit (0.5 s), and the whole lane state is written to
+# the table's changelog on every event, so this is kept small.
+FINISHED_MEMORY = 256
 # Attempt recorded for a revoked op: no later request of it is valid.
 REVOKED = 1 << 30
 
@@ -92,7 +94,21 @@ class LaneState:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # By hand: dataclasses.asdict deep-copies recursively and dominated the worker's CPU.
+        return {
+            "lane": self.lane,
+            "stations": {
+                k: {
+                    **vars(s),
+                    "capabilities": list(s.capabilities),
+                    "queue": [dict(vars(q)) for q in s.queue],
+                    "running": [dict(vars(r)) for r in s.running],
+                }
+                for k, s in self.stations.items()
+            },
+            "waiting": [dict(vars(q)) for q in self.waiting],
+            "finished": dict(self.finished),
+        }
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> LaneState:

@@ -27,7 +27,7 @@ rest until ready (waiting, fire-offset hold, failed attempts), and dispatch read
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -90,7 +90,15 @@ class OrderProgress:
     carrier_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # By hand: dataclasses.asdict deep-copies recursively, which is slow on the hot path.
+        return {
+            **vars(self),
+            "delivery": dict(self.delivery) if self.delivery is not None else None,
+            "items": {
+                k: {**vars(i), "ops": [{**vars(o), "depends_on": list(o.depends_on)} for o in i.ops]}
+                for k, i in self.items.items()
+            },
+        }
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> OrderProgress:

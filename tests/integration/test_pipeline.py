@@ -25,7 +25,7 @@ from streams.reference import publish_catalog
 from streams.resources import resource_dir
 from streams.settings import Settings
 from streams.stack import LocalStack
-from streams.topics import ensure_topics
+from streams.topics import ensure_topics, start_group_at_end
 from streams.topology import (
     DEAD_LETTERS,
     ORDERS_DECISIONS,
@@ -43,6 +43,9 @@ from tests.integration.support import Collector, WorkerProcess, seq_violations
 OUTPUTS = [ORDERS_DECISIONS, ORDERS_WORKITEMS, STATIONS_QUEUE, ORDERS_STATUS, ORDERS_DISPATCHED, ORDERS_LEADTIME,
            DEAD_LETTERS]
 BOUND = 90.0
+# A fresh consumer group per run, started at the topics' ends: earlier runs' history stays behind.
+APP_ID = f"pieceflow-test-{uuid.uuid4().hex[:6]}"
+PIPELINE_TOPICS = [t.name for t in TOPICS if not t.name.startswith("catalog.")]
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +69,11 @@ def worker(
 ) -> Iterator[WorkerProcess]:
     ensure_topics(TOPICS, pipeline_settings)
     publish_catalog(catalog, pipeline_settings, registry)
+    start_group_at_end(APP_ID, PIPELINE_TOPICS, pipeline_settings)
+    start_group_at_end(f"{APP_ID}-stations", [STATIONS_QUEUE.name], pipeline_settings)
     proc = WorkerProcess(
         pipeline_settings, tmp_path_factory.mktemp("workers"), "worker-1",
-        {"PIECEFLOW_APP_ID": "pieceflow-test", "PIECEFLOW_WEB_PORT": "6166"},
+        {"PIECEFLOW_APP_ID": APP_ID, "PIECEFLOW_WEB_PORT": "6166"},
     )
     yield proc
     proc.stop()
@@ -77,7 +82,7 @@ def worker(
 @pytest.fixture(scope="module")
 def simulator(pipeline_settings: Settings, catalog: Catalog, registry: AvroRegistry) -> Iterator[StationSimulator]:
     sim = StationSimulator(pipeline_settings, catalog, time_scale=0.0005, registry=registry,
-                           group_id="pieceflow-test-stations")
+                           group_id=f"{APP_ID}-stations")
     stop = threading.Event()
     thread = threading.Thread(target=sim.run, args=(stop,), daemon=True)
     thread.start()
