@@ -145,7 +145,7 @@ def catalog() -> Catalog:
 
 
 @app.on_rebalance_complete.connect
-async def stop_reading_changelogs(sender: Any, **kwargs: Any) -> None:
+async def stop_reading_changelogs(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
     """Once tables are recovered, stop fetching their changelogs.
 
     When there was nothing to recover (a new app, empty tables), faust-streaming 0.15 leaves the
