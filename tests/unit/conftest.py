@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from connectors.shopfront import Line, build_order
 from streams.catalog import Catalog, load_catalog_yaml
-from streams.events import new_event_id, order_id_for
+from streams.events import new_event_id
 
 CATALOGS = Path(__file__).resolve().parents[2] / "deploy" / "catalogs"
 T0 = datetime(2025, 3, 14, 18, 0, 0, tzinfo=UTC)
 
-Line = tuple[str, int, list[tuple[str, str, str]]]  # sku, quantity, (kind, option, value)...
 OrderFactory = Callable[..., dict[str, Any]]
 
 
@@ -41,38 +40,10 @@ def _order(
     seq: int = 1,
     at: datetime = T0,
 ) -> dict[str, Any]:
-    """A consistent OrderPlaced value: prices and total taken from the catalog."""
-    built: list[dict[str, Any]] = []
-    for i, (sku, qty, custom) in enumerate(lines):
-        customizations = [{"kind": k, "option_code": o, "value": v} for k, o, v in custom]
-        product = catalog.products.get(sku)
-        price = catalog.unit_price(product, customizations) if product else Decimal("1.00")
-        built.append(
-            {
-                "line_id": f"L{i + 1}",
-                "sku": sku,
-                "quantity": qty,
-                "unit_price": price,
-                "customizations": customizations,
-            }
-        )
-    return {
-        "event_id": new_event_id(),
-        "order_id": order_id_for(source, external_id),
-        "seq": seq,
-        "occurred_at": at,
-        "recorded_at": at,
-        "causation_id": None,
-        "source_platform": source,
-        "external_order_id": external_id,
-        "priority": priority,
-        "delivery": delivery or {"method": "PICKUP", "address": None},
-        "currency": catalog.currency,
-        "total": sum((line["unit_price"] * line["quantity"] for line in built), Decimal("0")),
-        "promised_by": None,
-        "lines": built,
-        "customer_ref": "cust-42",
-    }
+    """A consistent OrderPlaced value at a fixed time: prices and total taken from the catalog."""
+    return build_order(
+        catalog, lines, external_id=external_id, source=source, priority=priority, delivery=delivery, at=at, seq=seq
+    )
 
 
 @pytest.fixture(scope="session")
