@@ -24,6 +24,7 @@ from typing import Any
 
 import faust
 
+from streams.faust_config import faust_settings
 from streams.settings import get_settings
 from streams.topics import TopicSpec
 
@@ -43,28 +44,7 @@ HOPS: list[tuple[str, str, str]] = [
 
 settings = get_settings()
 
-# Keep these exactly as in streams.topology (tests/unit/test_null_topology.py compares them).
-app = faust.App(
-    settings.app_id,
-    broker=f"kafka://{settings.kafka_bootstrap}",
-    datadir=str(settings.home.resolve() / "faust" / settings.app_id),
-    web_port=settings.web_port,
-    web_host=settings.host,
-    processing_guarantee="at_least_once",
-    producer_linger=0.0,
-    producer_acks=-1,
-    broker_commit_interval=0.5,
-    stream_buffer_maxsize=256,
-    stream_wait_empty=True,
-    stream_publish_on_commit=False,
-    consumer_auto_offset_reset="earliest",
-    topic_partitions=settings.partitions,
-    topic_replication_factor=settings.replication_factor,
-    key_serializer="raw",
-    value_serializer="raw",
-    table_cleanup_interval=3600.0,
-    web_tables_enabled=False,
-)
+app = faust.App(settings.app_id, **faust_settings(settings))
 
 
 def _forwarder(target: faust.TopicT) -> Any:

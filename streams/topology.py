@@ -29,6 +29,7 @@ from streams import metrics, observe
 from streams.catalog import Catalog
 from streams.codec import AvroCodec, AvroRegistry, Decoded
 from streams.events import Event, epoch_ms, utc_now
+from streams.faust_config import faust_settings
 from streams.reference import PRODUCTS_TOPIC, STATIONS_TOPIC, ReferenceData
 from streams.runner import StageRunner
 from streams.settings import get_settings
@@ -79,30 +80,7 @@ TOPICS: list[TopicSpec] = [
 settings = get_settings()
 registry = AvroRegistry.from_url(settings.schema_registry_url)
 
-app = faust.App(
-    settings.app_id,
-    broker=f"kafka://{settings.kafka_bootstrap}",
-    datadir=str(settings.home.resolve() / "faust" / settings.app_id),
-    web_port=settings.web_port,
-    web_host=settings.host,
-    processing_guarantee="at_least_once",
-    producer_linger=0.0,  # batch size of one: nothing waits to fill a batch
-    producer_acks=-1,
-    broker_commit_interval=0.5,
-    stream_buffer_maxsize=256,
-    stream_wait_empty=True,
-    stream_publish_on_commit=False,
-    consumer_auto_offset_reset="earliest",
-    topic_partitions=settings.partitions,
-    topic_replication_factor=settings.replication_factor,
-    key_serializer="raw",
-    value_serializer="raw",
-    table_cleanup_interval=3600.0,
-    # Stage state is rewritten on every event; a standby would decode every changelog write again
-    # (measured: most of a worker's CPU). Recovery replays the changelog on failover instead.
-    table_standby_replicas=0,
-    web_tables_enabled=False,
-)
+app = faust.App(settings.app_id, **faust_settings(settings))
 
 
 def source(*specs: TopicSpec) -> faust.TopicT:
@@ -192,11 +170,11 @@ def ignore_others(accepted: tuple[str, ...], ignored: tuple[str, ...], value: De
 validate_runner = StageRunner("validation", routes(ORDERS_DECISIONS), dead_letters)
 
 
-def validation_step(state: validation.ValidationState, value: Decoded) -> list[Event]:
+def validation_step(state: validation.ValidationState, source: str, value: Decoded) -> list[Event]:
     if value.type == "OrderStatus":  # production progress: amendments are refused once work starts
         validation.observe_status(state, value.value)
         return []
-    return validation.validate(state, value.type, value.value, catalog(), utc_now())
+    return validation.validate(state, value.type, value.value, catalog(), utc_now(), source)
 
 
 @app.agent(source(ORDERS_INBOUND, ORDERS_STATUS), concurrency=1)
@@ -204,7 +182,8 @@ async def validate(stream: faust.StreamT) -> None:
     async for event in stream.events():
         key = key_of(event)
         state = validation.ValidationState.from_dict(validation_state.get(key))
-        out = await validate_runner.run(event, partial(validation_step, state))
+        where = f"{event.message.topic}:{event.message.partition}:{event.message.offset}"
+        out = await validate_runner.run(event, partial(validation_step, state, where))
         observe.validation(out)
         validation_state[key] = state.to_dict()
 

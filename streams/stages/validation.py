@@ -52,6 +52,9 @@ class ValidationState:
     revision: int = 0
     placed_at_ms: int | None = None
     seen_event_ids: list[str] = field(default_factory=list)
+    # Where each seen event was read (topic:partition:offset): the same event from the same place is
+    # a replay after a crash or rebalance, whose outputs are already on the log.
+    seen_at: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,17 +68,29 @@ Problem = tuple[str, str]
 
 
 def validate(
-    state: ValidationState, event_type: str, value: Mapping[str, Any], catalog: Catalog, now: datetime
+    state: ValidationState,
+    event_type: str,
+    value: Mapping[str, Any],
+    catalog: Catalog,
+    now: datetime,
+    source: str | None = None,
 ) -> list[Event]:
     """Decide on an OrderPlaced / OrderAmended / OrderCancelled.
 
-    Emits exactly one of OrderAccepted, OrderRejected or OrderCancellationAccepted (key: order id).
+    Emits exactly one of OrderAccepted, OrderRejected or OrderCancellationAccepted (key: order id),
+    or nothing for a replay: an event seen before at the same ``source`` position of the log. The
+    same event id anywhere else is a storefront sending it twice, and is rejected as a duplicate.
     """
     request = REQUESTS[event_type]
     state.order_id = value["order_id"]
-    if value["event_id"] in state.seen_event_ids:
+    event_id = value["event_id"]
+    if event_id in state.seen_event_ids:
+        if source is not None and state.seen_at.get(event_id) == source:
+            return []
         return [_reject(state, value, request, [("DUPLICATE_EVENT", "event already processed")], now)]
-    state.seen_event_ids = [*state.seen_event_ids, value["event_id"]][-SEEN_EVENT_IDS:]
+    state.seen_event_ids = [*state.seen_event_ids, event_id][-SEEN_EVENT_IDS:]
+    if source is not None:
+        state.seen_at = {k: v for k, v in state.seen_at.items() if k in state.seen_event_ids} | {event_id: source}
 
     if request == CANCEL:
         return _cancel(state, value, now)

@@ -256,3 +256,13 @@ def test_decision_event_ids_are_derived_from_the_cause(restaurant: Catalog, make
     assert a["event_id"] == b["event_id"]
     other = decide(ValidationState(), "OrderPlaced", {**placed, "event_id": new_event_id()}, restaurant)
     assert other["event_id"] != a["event_id"]
+
+
+def test_a_replay_from_the_same_log_position_emits_nothing(restaurant: Catalog, make_order: Any) -> None:
+    state = ValidationState()
+    order = make_order(restaurant, [("mapo-tofu", 1, [])])
+    first = validate(state, "OrderPlaced", order, restaurant, T0, source="orders.inbound.v1:2:17")
+    assert [e.type for e in first] == ["OrderAccepted"]
+    assert validate(state, "OrderPlaced", order, restaurant, T0, source="orders.inbound.v1:2:17") == []
+    again = validate(state, "OrderPlaced", order, restaurant, T0, source="orders.inbound.v1:2:18")
+    assert [(e.type, e.value["reason"]) for e in again] == [("OrderRejected", "DUPLICATE_EVENT")]

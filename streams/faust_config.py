@@ -1,0 +1,33 @@
+"""The Faust settings every pieceflow app runs with (the pipeline, and the benchmark's null baseline)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streams.settings import Settings
+
+
+def faust_settings(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker": f"kafka://{settings.kafka_bootstrap}",
+        "datadir": str(settings.home.resolve() / "faust" / settings.app_id),
+        "web_port": settings.web_port,
+        "web_host": settings.host,
+        "processing_guarantee": "at_least_once",
+        "producer_linger": 0.0,  # batch size of one: nothing waits to fill a batch
+        "producer_acks": -1,
+        "broker_commit_interval": 0.5,
+        "stream_buffer_maxsize": 256,
+        "stream_wait_empty": True,
+        "stream_publish_on_commit": False,
+        "consumer_auto_offset_reset": "earliest",
+        "topic_partitions": settings.partitions,
+        "topic_replication_factor": settings.replication_factor,
+        "key_serializer": "raw",
+        "value_serializer": "raw",
+        "table_cleanup_interval": 3600.0,
+        # Stage state is rewritten on every event; a standby would decode every changelog write again
+        # (measured: most of a worker's CPU). Recovery replays the changelog on failover instead.
+        "table_standby_replicas": 0,
+        "web_tables_enabled": False,
+    }
