@@ -134,6 +134,11 @@ AMENDMENTS = Counter(
 STATION_QUEUE_DEPTH = Gauge("pieceflow_station_queue_depth", "Operations waiting at a station.", ["station"])
 STATION_WIP = Gauge("pieceflow_station_wip", "Operations a station is working on right now.", ["station"])
 STATION_UP = Gauge("pieceflow_station_up", "1 if the station reports itself up, else 0.", ["station"])
+LANE_WAITING = Gauge(
+    "pieceflow_lane_waiting_operations",
+    "Operations waiting in a lane because none of its stations that can do them is up.",
+    ["lane"],
+)
 STATION_BUSY = Counter(
     "pieceflow_station_busy_seconds_total",
     "Seconds a station spent working; rate() of it is the station's utilisation (0..1 per slot).",

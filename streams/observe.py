@@ -61,6 +61,8 @@ def overdue(now_ms: int) -> None:
 
 
 def lane(state: LaneState) -> None:
+    # A down station hands its queue on at once; work with nowhere to go waits in the lane.
+    metrics.LANE_WAITING.labels(lane=state.lane).set(len(state.waiting))
     for station in state.stations.values():
         metrics.STATION_QUEUE_DEPTH.labels(station=station.station_id).set(len(station.queue))
         metrics.STATION_WIP.labels(station=station.station_id).set(len(station.running))

@@ -57,30 +57,15 @@ REQUIRED_ALERT_METRICS = {
     "pieceflow_orders_overdue",
     "pieceflow_dead_letters_total",
     "pieceflow_consumer_lag_messages",
-    "pieceflow_station_up",
+    "pieceflow_lane_waiting_operations",
     "up",
 }
-TOPICS = {
-    "orders.inbound.v1": "delete",
-    "orders.lifecycle.v1": "delete",
-    "orders.workitems.v1": "delete",
-    "operations.requested.v1": "delete",
-    "stations.queue.v1": "delete",
-    "orders.operations.v1": "delete",
-    "orders.dispatched.v1": "delete",
-    "orders.status.v1": "compact",
-    "orders.leadtime.v1": "delete",
-    "catalog.products.v1": "compact",
-    "stations.status.v1": "compact",
-    "pieceflow.deadletter.v1": "delete",
-}
-DEAD_LETTER_TOPIC = "pieceflow.deadletter.v1"
 SERVICES = {  # deployment -> (command args, port)
     "pieceflow-worker": (["worker"], 6066),
     "pieceflow-intake": (["intake", "serve"], 8090),
     "pieceflow-sink": (["sink", "erp"], 9108),
 }
-KAFKA_USERS = {"pieceflow-worker", "pieceflow-intake", "pieceflow-sink", "pieceflow-simulator"}
+KAFKA_USERS = {"pieceflow-worker", "pieceflow-intake", "pieceflow-sink", "pieceflow-simulator", "pieceflow-catalog"}
 
 
 def run(command: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None) -> str:
@@ -178,7 +163,7 @@ def test_alerts_cover_the_issue() -> None:
     exprs = " ".join(rule["expr"] for rule in alert_rules())
     assert 'up{job="pieceflow-worker"} == 0' in exprs
     assert 'absent(up{job="pieceflow-worker"})' in exprs
-    assert re.search(r"pieceflow_station_up.*and on \(station\).*pieceflow_station_queue_depth", exprs, re.S)
+    assert "pieceflow_lane_waiting_operations" in exprs
 
 
 # --- Grafana ------------------------------------------------------------------------------------
@@ -672,20 +657,54 @@ def test_kafka_cluster() -> None:
     assert {"topicOperator", "userOperator"} <= set(kafka["spec"]["entityOperator"])
 
 
+def topology_topics() -> dict[str, Any]:
+    """``streams.topology.TOPICS`` by name; imported here because importing it builds the Faust app."""
+    from streams import topology
+
+    return {spec.name: spec for spec in topology.TOPICS}
+
+
+def kafka_topics() -> dict[str, dict[str, Any]]:
+    return {doc["spec"].get("topicName", doc["metadata"]["name"]): doc for doc in documents_of("KafkaTopic")}
+
+
+def test_topics_match_the_topology() -> None:
+    specs = topology_topics()
+    names = [doc["spec"].get("topicName", doc["metadata"]["name"]) for doc in documents_of("KafkaTopic")]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    assert not duplicates, f"more than one KafkaTopic for {duplicates}"
+    missing, extra = sorted(set(specs) - set(names)), sorted(set(names) - set(specs))
+    assert not missing, f"topics of streams.topology without a KafkaTopic: {missing}"
+    assert not extra, f"KafkaTopics the code does not use: {extra}"
+    topics = kafka_topics()
+    for name, spec in specs.items():
+        config = topics[name]["spec"]["config"]
+        assert config["cleanup.policy"] == spec.cleanup_policy, name
+        for key, value in spec.config.items():  # e.g. the dead-letter retention
+            assert str(config.get(key)) == value, f"{name}: {key} is {config.get(key)}, the code sets {value}"
+
+
 def test_topics() -> None:
-    topics = {
-        doc["spec"].get("topicName", doc["metadata"]["name"]): doc for doc in documents_of("KafkaTopic")
-    }
-    assert set(topics) == set(TOPICS)
-    for name, topic in topics.items():
+    for name, topic in kafka_topics().items():
         spec = topic["spec"]
         assert (spec["partitions"], spec["replicas"]) == (12, 3), name
         assert spec["config"]["min.insync.replicas"] == 2, name
-        assert spec["config"]["cleanup.policy"] == TOPICS[name], name
-    assert topics[DEAD_LETTER_TOPIC]["spec"]["config"]["retention.ms"] >= 14 * 24 * 3600 * 1000
+        if spec["config"]["cleanup.policy"] == "delete":
+            assert spec["config"]["retention.ms"] >= 7 * 24 * 3600 * 1000, name
+
+
+def topic_grants(user: dict[str, Any]) -> dict[str, set[str]]:
+    """Literal topic name -> operations granted to ``user``."""
+    grants: dict[str, set[str]] = {}
+    for acl in user["spec"]["authorization"]["acls"]:
+        resource = acl["resource"]
+        if resource["type"] == "topic" and resource["patternType"] == "literal":
+            grants.setdefault(resource["name"], set()).update(acl["operations"])
+    return grants
 
 
 def test_users_have_least_privilege() -> None:
+    specs = topology_topics()
     users = {doc["metadata"]["name"]: doc for doc in documents_of("KafkaUser")}
     assert set(users) == KAFKA_USERS
     for name, user in users.items():
@@ -695,12 +714,52 @@ def test_users_have_least_privilege() -> None:
             assert resource["name"] != "*", f"{name}: no wildcard resources"
             assert resource["type"] in {"topic", "group"}, f"{name}: no cluster-wide grants"
             if resource["type"] == "topic" and resource["patternType"] == "literal":
-                assert resource["name"] in TOPICS, f"{name}: ACL on unknown topic {resource['name']}"
-    # Produce-only intake: no reads, no consumer group.
-    intake_ops = {
-        op for acl in users["pieceflow-intake"]["spec"]["authorization"]["acls"] for op in acl["operations"]
+                assert resource["name"] in specs, f"{name}: ACL on unknown topic {resource['name']}"
+                assert "Create" not in acl["operations"], f"{name}: the topic operator owns {resource['name']}"
+    # Produce-only towards the pipeline: intake writes orders.inbound and reads nothing but the catalog.
+    intake = topic_grants(users["pieceflow-intake"])
+    assert {t for t, ops in intake.items() if "Write" in ops} == {"orders.inbound.v1"}
+    assert {t for t, ops in intake.items() if "Read" in ops} <= {t for t in specs if t.startswith("catalog.")}
+
+
+def test_users_follow_the_data_flow() -> None:
+    """Each service reads and writes exactly the topics the code reads and writes, nothing more."""
+    from connectors.erp.rows import TOPICS as SINK_TOPICS
+    from connectors.intake.service import INBOUND_TOPIC
+    from connectors.stations import EVENTS_TOPIC, QUEUE_TOPIC
+    from streams import topology
+
+    specs = topology_topics()
+    catalog = {t for t in specs if t.startswith("catalog.")}
+    agents = {"validate", "expand", "track", "assign", "reroute", "every agent"}
+    worker_reads = {t for agent in topology.app.agents.values() for t in agent.channel.topics} | catalog
+    worker_writes = {name for name, spec in specs.items() if spec.writer in agents}
+    expected = {  # user -> (topics read, topics written)
+        "pieceflow-worker": (worker_reads, worker_writes),
+        "pieceflow-intake": (catalog, {INBOUND_TOPIC}),
+        "pieceflow-sink": (set(SINK_TOPICS), set()),
+        "pieceflow-simulator": ({QUEUE_TOPIC} | catalog, {EVENTS_TOPIC}),
+        "pieceflow-catalog": (set(), catalog),
     }
-    assert "Read" not in intake_ops
+    users = {doc["metadata"]["name"]: doc for doc in documents_of("KafkaUser")}
+    for name, (reads, writes) in expected.items():
+        grants = topic_grants(users[name])
+        assert {t for t, ops in grants.items() if "Read" in ops} == reads, f"{name}: topics read"
+        assert {t for t, ops in grants.items() if "Write" in ops} == writes, f"{name}: topics written"
+        assert all("Describe" in ops for ops in grants.values()), f"{name}: clients need Describe for metadata"
+    groups = {
+        name: {acl["resource"]["name"] for acl in user["spec"]["authorization"]["acls"]
+               if acl["resource"]["type"] == "group"}
+        for name, user in users.items()
+    }
+    assert "pieceflow" in groups["pieceflow-worker"]  # the default PIECEFLOW_APP_ID
+    assert "pieceflow-erp-sink" in groups["pieceflow-sink"]
+    assert "pieceflow-stations" in groups["pieceflow-simulator"]
+    # The worker creates its Faust changelog and leader topics, named after the app id.
+    prefixed = [acl for acl in users["pieceflow-worker"]["spec"]["authorization"]["acls"]
+                if acl["resource"]["patternType"] == "prefix" and acl["resource"]["type"] == "topic"]
+    assert [acl["resource"]["name"] for acl in prefixed] == ["pieceflow-"]
+    assert {"Create", "Read", "Write"} <= set(prefixed[0]["operations"])
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))

@@ -39,6 +39,7 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "pieceflow_dead_letters_total": ("counter", ("stage", "reason")),
     "pieceflow_station_queue_depth": ("gauge", ("station",)),
     "pieceflow_station_wip": ("gauge", ("station",)),
+    "pieceflow_lane_waiting_operations": ("gauge", ("lane",)),
     "pieceflow_station_up": ("gauge", ("station",)),
     "pieceflow_station_busy_seconds_total": ("counter", ("station",)),
     "pieceflow_amendments_total": ("counter", ("result",)),
