@@ -7,8 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
+from streams.settings import Settings
 from streams.stack import LocalStack
 from tests.conftest import wait_until
 
@@ -81,3 +84,37 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_a_three_node_cluster_keeps_writing_with_one_broker_down(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    home = tmp_path_factory.mktemp("cluster-3")
+    shared = LocalStack(settings)
+    shared.assemble()
+    (home / "dist").symlink_to(shared.dist)
+    private = settings.model_copy(update={
+        "home": home, "kafka_port": settings.kafka_port + 3000, "registry_port": settings.registry_port + 3000,
+        "registry_management_port": settings.registry_management_port + 3000, "kafka_heap": "256m",
+    })
+    cluster = LocalStack(private)
+    try:
+        cluster.up(cluster=3)
+        admin = AdminClient({"bootstrap.servers": cluster.bootstrap()})
+        admin.create_topics([NewTopic("replicated", 3, 3)])["replicated"].result(timeout=30)
+        meta = admin.list_topics(timeout=10)
+        assert len(meta.brokers) == 3
+        assert all(len(p.replicas) == 3 for p in meta.topics["replicated"].partitions.values())
+        configs = admin.describe_configs([ConfigResource("topic", "replicated")])
+        assert next(iter(configs.values())).result()["min.insync.replicas"].value == "2"
+
+        cluster.kill_broker(3)
+        producer = Producer({"bootstrap.servers": cluster.bootstrap(), "acks": "all", "message.timeout.ms": 30000})
+        errors: list[object] = []
+        for i in range(20):
+            producer.produce("replicated", f"v{i}".encode(), key=f"k{i}".encode(),
+                             on_delivery=lambda err, _msg: errors.append(err) if err else None)
+        assert producer.flush(40) == 0
+        assert errors == []
+    finally:
+        cluster.down(purge=True)
