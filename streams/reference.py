@@ -37,18 +37,26 @@ class ReferenceData:
     """The latest product and station records, read without a consumer group so every worker sees all."""
 
     def __init__(self, settings: Settings, registry: AvroRegistry) -> None:
+        self.settings = settings
         self.registry = registry
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": settings.kafka_bootstrap,
-                "group.id": f"pieceflow-reference-{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-            }
-        )
+        self._consumer: Consumer | None = None
         self.products: dict[str, dict[str, Any]] = {}
         self.stations: dict[str, dict[str, Any]] = {}
         self.catalog: Catalog = catalog_from_avro("empty", [], [])
+
+    @property
+    def consumer(self) -> Consumer:
+        # Created on first use: importing the topology (e.g. for `pieceflow topics`) must not connect.
+        if self._consumer is None:
+            self._consumer = Consumer(
+                {
+                    "bootstrap.servers": self.settings.kafka_bootstrap,
+                    "group.id": f"pieceflow-reference-{uuid.uuid4().hex[:8]}",
+                    "enable.auto.commit": False,
+                    "auto.offset.reset": "earliest",
+                }
+            )
+        return self._consumer
 
     def load(self, timeout: float = 30.0) -> Catalog:
         """Read both topics to their end; raise if that takes longer than ``timeout``."""
@@ -73,6 +81,8 @@ class ReferenceData:
 
     def refresh(self) -> bool:
         """Apply whatever arrived since the last call, without waiting; True when the catalog changed."""
+        if self._consumer is None:
+            return False
         changed = False
         for msg in self.consumer.consume(num_messages=500, timeout=0):
             changed = self._apply(msg) or changed
@@ -100,4 +110,6 @@ class ReferenceData:
         self.catalog = catalog_from_avro("kafka", self.products.values(), self.stations.values())
 
     def close(self) -> None:
-        self.consumer.close()
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None

@@ -62,7 +62,24 @@ def ensure_topics(specs: list[TopicSpec], settings: Settings, timeout: float = 3
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise RuntimeError(f"could not create topic {name}: {exc}") from exc
-    return [t.topic for t in wanted]
+    created = [t.topic for t in wanted]
+    _wait_for_leaders(admin, created, timeout)
+    return created
+
+
+def _wait_for_leaders(admin: AdminClient, names: list[str], timeout: float) -> None:
+    """A created topic answers NOT_LEADER until its partitions have leaders; wait for that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        topics = admin.list_topics(timeout=timeout).topics
+        if all(
+            name in topics and topics[name].partitions and all(p.leader >= 0 for p in topics[name].partitions.values())
+            for name in names
+        ):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the new topics {', '.join(names)} have no leaders after {timeout:.0f}s")
+        time.sleep(0.05)
 
 
 def ensure_internal_topics(app_id: str, tables: list[str], settings: Settings, timeout: float = 30.0) -> None:
@@ -80,15 +97,7 @@ def ensure_internal_topics(app_id: str, tables: list[str], settings: Settings, t
     leader = TopicSpec(f"{app_id}-__assignor-__leader", "-", ("-",), "Faust")
     ensure_topics([leader], settings.model_copy(update={"partitions": 1}), timeout)
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-    wanted = {spec.name for spec in specs} | {leader.name}
-    deadline = time.monotonic() + timeout
-    while True:
-        topics = admin.list_topics(timeout=timeout).topics
-        if all(name in topics and topics[name].partitions for name in wanted):
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"Kafka did not show the internal topics of {app_id} within {timeout:.0f}s")
-        time.sleep(0.1)
+    _wait_for_leaders(admin, [spec.name for spec in specs] + [leader.name], timeout)
 
 
 def start_group_at_end(group: str, topics: list[str], settings: Settings, timeout: float = 10.0) -> bool:
