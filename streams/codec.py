@@ -21,6 +21,7 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from streams import schemas
 
 MAGIC = 0
+REGISTRY_TIMEOUT_SECONDS = 10
 _HEADER = struct.Struct(">bI")
 
 
@@ -72,7 +73,8 @@ class AvroRegistry:
 
     @classmethod
     def from_url(cls, url: str) -> AvroRegistry:
-        return cls(SchemaRegistryClient({"url": url}))
+        # The client waits forever by default; a registry that stops answering must fail the call.
+        return cls(SchemaRegistryClient({"url": url, "timeout": REGISTRY_TIMEOUT_SECONDS}))
 
     def schema_id(self, topic: str, record: str) -> int:
         key = (topic, record)

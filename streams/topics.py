@@ -63,23 +63,42 @@ def ensure_topics(specs: list[TopicSpec], settings: Settings, timeout: float = 3
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise RuntimeError(f"could not create topic {name}: {exc}") from exc
     created = [t.topic for t in wanted]
-    _wait_for_leaders(admin, created, timeout)
+    _wait_for_leaders(admin, created, timeout, settings.kafka_bootstrap)
     return created
 
 
-def _wait_for_leaders(admin: AdminClient, names: list[str], timeout: float) -> None:
-    """A created topic answers NOT_LEADER until its partitions have leaders; wait for that."""
+def _wait_for_leaders(admin: AdminClient, names: list[str], timeout: float, bootstrap: str) -> None:
+    """Wait until every partition of the new topics answers for its offsets.
+
+    Metadata names a leader before that broker has loaded the partition, which meanwhile answers
+    NOT_LEADER_FOR_PARTITION; the first client to ask would fail.
+    """
     deadline = time.monotonic() + timeout
-    while True:
-        topics = admin.list_topics(timeout=timeout).topics
-        if all(
-            name in topics and topics[name].partitions and all(p.leader >= 0 for p in topics[name].partitions.values())
-            for name in names
-        ):
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the new topics {', '.join(names)} have no leaders after {timeout:.0f}s")
-        time.sleep(0.05)
+    pending: list[TopicPartition] | None = None
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "pieceflow-topic-check"})
+    try:
+        while True:
+            if pending is None:
+                topics = admin.list_topics(timeout=timeout).topics
+                if all(name in topics and topics[name].partitions for name in names):
+                    pending = [TopicPartition(n, p) for n in names for p in topics[n].partitions]
+            if pending is not None:
+                pending = [tp for tp in pending if not _answers(consumer, tp)]
+                if not pending:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the new topics {', '.join(names)} are not ready after {timeout:.0f}s")
+            time.sleep(0.05)
+    finally:
+        consumer.close()
+
+
+def _answers(consumer: Consumer, tp: TopicPartition) -> bool:
+    try:
+        consumer.get_watermark_offsets(tp, timeout=2.0)
+    except KafkaException:
+        return False
+    return True
 
 
 def ensure_internal_topics(app_id: str, tables: list[str], settings: Settings, timeout: float = 30.0) -> None:
@@ -97,7 +116,7 @@ def ensure_internal_topics(app_id: str, tables: list[str], settings: Settings, t
     leader = TopicSpec(f"{app_id}-__assignor-__leader", "-", ("-",), "Faust")
     ensure_topics([leader], settings.model_copy(update={"partitions": 1}), timeout)
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-    _wait_for_leaders(admin, [spec.name for spec in specs] + [leader.name], timeout)
+    _wait_for_leaders(admin, [spec.name for spec in specs] + [leader.name], timeout, settings.kafka_bootstrap)
 
 
 def start_group_at_end(group: str, topics: list[str], settings: Settings, timeout: float = 10.0) -> bool:

@@ -24,7 +24,7 @@ from tests.unit.test_schema_evolution import released_names, released_schema
 
 @pytest.fixture
 def client(registry_url: str) -> SchemaRegistryClient:
-    return SchemaRegistryClient({"url": registry_url})
+    return SchemaRegistryClient({"url": registry_url, "timeout": 10})
 
 
 @pytest.fixture
