@@ -12,6 +12,9 @@ from collections.abc import Iterator
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from streams.catalog import Catalog, load_catalog_yaml
+from streams.codec import AvroRegistry
+from streams.resources import resource_dir
 from streams.settings import Settings
 from streams.stack import LocalStack, StackError
 
@@ -36,6 +39,23 @@ def bootstrap(stack: LocalStack) -> str:
 @pytest.fixture(scope="session")
 def registry_url(stack: LocalStack) -> str:
     return stack.registry_url()
+
+
+@pytest.fixture(scope="session")
+def catalog() -> Catalog:
+    """The restaurant of the seed, which the pipeline tests order from."""
+    return load_catalog_yaml(resource_dir("deploy/catalogs") / "restaurant.yaml")
+
+
+@pytest.fixture(scope="session")
+def pipeline_settings(stack: LocalStack, settings: Settings) -> Settings:
+    """Settings pointing at the running stack, for workers started as child processes."""
+    return settings.model_copy(update={"bootstrap_servers": stack.bootstrap(), "registry_url": stack.registry_url()})
+
+
+@pytest.fixture(scope="session")
+def registry(pipeline_settings: Settings) -> AvroRegistry:
+    return AvroRegistry.from_url(pipeline_settings.schema_registry_url)
 
 
 @pytest.fixture

@@ -18,13 +18,11 @@ from confluent_kafka import Producer
 from connectors.shopfront import build_order, cancellation
 from connectors.stations import StationSimulator
 from connectors.storefront import OrderProducer
-from streams.catalog import Catalog, load_catalog_yaml
+from streams.catalog import Catalog
 from streams.codec import AvroRegistry
 from streams.events import Event
 from streams.reference import publish_catalog
-from streams.resources import resource_dir
 from streams.settings import Settings
-from streams.stack import LocalStack
 from streams.topics import ensure_topics, start_group_at_end
 from streams.topology import (
     DEAD_LETTERS,
@@ -46,21 +44,6 @@ BOUND = 90.0
 # A fresh consumer group per run, started at the topics' ends: earlier runs' history stays behind.
 APP_ID = f"pieceflow-test-{uuid.uuid4().hex[:6]}"
 PIPELINE_TOPICS = [t.name for t in TOPICS if not t.name.startswith("catalog.")]
-
-
-@pytest.fixture(scope="module")
-def catalog() -> Catalog:
-    return load_catalog_yaml(resource_dir("deploy/catalogs") / "restaurant.yaml")
-
-
-@pytest.fixture(scope="module")
-def pipeline_settings(stack: LocalStack, settings: Settings) -> Settings:
-    return settings.model_copy(update={"bootstrap_servers": stack.bootstrap(), "registry_url": stack.registry_url()})
-
-
-@pytest.fixture(scope="module")
-def registry(pipeline_settings: Settings) -> AvroRegistry:
-    return AvroRegistry.from_url(pipeline_settings.schema_registry_url)
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,11 @@ import pytest
 
 from connectors.shopfront import build_order
 from connectors.storefront import OrderProducer
-from streams.catalog import Catalog, load_catalog_yaml
+from streams.catalog import Catalog
 from streams.codec import AvroRegistry
 from streams.events import Event, epoch_ms
 from streams.reference import publish_catalog
-from streams.resources import resource_dir
 from streams.settings import Settings
-from streams.stack import LocalStack
 from streams.topics import ensure_topics
 from streams.topology import DEAD_LETTERS, ORDERS_DISPATCHED, ORDERS_INBOUND, STATIONS_EVENTS, STATIONS_QUEUE, TOPICS
 from tests.conftest import wait_until
@@ -52,21 +50,6 @@ WEB_PORT = 6266
 TIME_SCALE = 0.01  # a 150 s wok dish takes 1.5 s: enough for queues to build up
 BOUND = 120.0
 T_FAKE = datetime(2025, 3, 14, 18, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def catalog() -> Catalog:
-    return load_catalog_yaml(resource_dir("deploy/catalogs") / "restaurant.yaml")
-
-
-@pytest.fixture(scope="module")
-def pipeline_settings(stack: LocalStack, settings: Settings) -> Settings:
-    return settings.model_copy(update={"bootstrap_servers": stack.bootstrap(), "registry_url": stack.registry_url()})
-
-
-@pytest.fixture(scope="module")
-def registry(pipeline_settings: Settings) -> AvroRegistry:
-    return AvroRegistry.from_url(pipeline_settings.schema_registry_url)
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,11 @@ from confluent_kafka.admin import AdminClient
 
 from connectors.shopfront import build_order
 from connectors.storefront import OrderProducer
-from streams.catalog import Catalog, load_catalog_yaml
+from streams.catalog import Catalog
 from streams.codec import AvroRegistry
 from streams.events import Event
 from streams.reference import publish_catalog
-from streams.resources import resource_dir
 from streams.settings import Settings
-from streams.stack import LocalStack
 from streams.topics import ensure_topics
 from streams.topology import (
     DEAD_LETTERS,
@@ -64,21 +62,6 @@ PORTS = (6366, 6367)
 ORDER_KEYED = [ORDERS_DECISIONS, ORDERS_WORKITEMS, ORDERS_STATUS, ORDERS_DISPATCHED, ORDERS_LEADTIME]
 WAVE = 20
 BOUND = 240.0
-
-
-@pytest.fixture(scope="module")
-def catalog() -> Catalog:
-    return load_catalog_yaml(resource_dir("deploy/catalogs") / "restaurant.yaml")
-
-
-@pytest.fixture(scope="module")
-def pipeline_settings(stack: LocalStack, settings: Settings) -> Settings:
-    return settings.model_copy(update={"bootstrap_servers": stack.bootstrap(), "registry_url": stack.registry_url()})
-
-
-@pytest.fixture(scope="module")
-def registry(pipeline_settings: Settings) -> AvroRegistry:
-    return AvroRegistry.from_url(pipeline_settings.schema_registry_url)
 
 
 @pytest.fixture(scope="module")
