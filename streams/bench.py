@@ -63,6 +63,7 @@ from connectors.storefront import PRODUCER_DEFAULTS, cloudevent_headers
 from streams.catalog import Catalog, load_catalog_yaml
 from streams.codec import AvroRegistry
 from streams.events import Event
+from streams.readback import assign_at_end
 from streams.resources import resource_dir
 from streams.settings import Settings
 from streams.stack import LocalStack
@@ -212,14 +213,7 @@ class Receiver:
                 "fetch.wait.max.ms": 100,
             }
         )
-        topics = (QUEUE,) if null else (QUEUE, *ORDER_KEYED)
-        assignment = []
-        for topic in topics:
-            meta = self.consumer.list_topics(topic, timeout=10).topics[topic]
-            for p in meta.partitions:
-                high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                assignment.append(TopicPartition(topic, p, high))
-        self.consumer.assign(assignment)
+        assign_at_end(self.consumer, (QUEUE,) if null else (QUEUE, *ORDER_KEYED))
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="bench-receiver", daemon=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,17 @@ class Record:
     offset: int
 
 
+def assign_at_end(consumer: Consumer, topics: Iterable[str], timeout: float = 10.0) -> None:
+    """Assign every partition of ``topics`` at its current end: read only what comes next."""
+    partitions = []
+    for topic in topics:
+        meta = consumer.list_topics(topic, timeout=timeout).topics[topic]
+        for p in meta.partitions:
+            high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
+            partitions.append(TopicPartition(topic, p, high))
+    consumer.assign(partitions)
+
+
 class Collector:
     """Consumes topics from their current end (no group) and keeps every record, decoded."""
 
@@ -38,13 +50,7 @@ class Collector:
             {"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"collector-{uuid.uuid4().hex[:8]}",
              "enable.auto.commit": False}
         )
-        partitions = []
-        for topic in topics:
-            meta = self.consumer.list_topics(topic, timeout=10).topics[topic]
-            for p in meta.partitions:
-                high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                partitions.append(TopicPartition(topic, p, high))
-        self.consumer.assign(partitions)
+        assign_at_end(self.consumer, topics)
         self.records: list[Record] = []
         self.lock = threading.Lock()
         self.stop = threading.Event()
