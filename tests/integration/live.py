@@ -16,14 +16,13 @@ from collections import defaultdict
 from collections.abc import Iterable
 from itertools import pairwise
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
-
 from connectors.stations import StationSimulator
 from connectors.storefront import OrderProducer
 from streams.catalog import Catalog
 from streams.codec import AvroRegistry
 from streams.events import Event, new_event_id, utc_now
 from streams.settings import Settings
+from streams.topics import start_group_at_end
 from streams.topology import (
     OPERATIONS_REQUESTED,
     ORDERS_DECISIONS,
@@ -35,7 +34,6 @@ from streams.topology import (
     STATIONS_LANE_EVENTS,
     STATIONS_QUEUE,
 )
-from tests.conftest import wait_until
 from tests.integration.support import Record
 
 # Every topic an agent of the topology reads (see streams/topology.py).
@@ -43,34 +41,6 @@ WORKER_INPUTS = [t.name for t in (ORDERS_INBOUND, ORDERS_STATUS, ORDERS_DECISION
                                   ORDERS_OPERATIONS, OPERATIONS_REQUESTED, STATIONS_LANE_EVENTS, STATIONS_EVENTS)]
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def start_group_at_end(settings: Settings, group_id: str, topics: Iterable[str], bound: float = 90.0) -> None:
-    """Commit ``group_id``'s offsets at the current end of ``topics``, before any member joins.
-
-    A group still holding a member of an earlier run (killed, not yet timed out) refuses the commit:
-    retried until the broker expires that member.
-    """
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group_id,
-                         "enable.auto.commit": False})
-    try:
-        ends = []
-        for topic in topics:
-            meta = consumer.list_topics(topic, timeout=10).topics[topic]
-            for p in meta.partitions:
-                high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                ends.append(TopicPartition(topic, p, high))
-
-        def commit() -> bool:
-            try:
-                consumer.commit(offsets=ends, asynchronous=False)
-            except KafkaException:
-                return False
-            return True
-
-        wait_until(commit, bound, f"an empty consumer group {group_id} to start at the end", interval=1.0)
-    finally:
-        consumer.close()
 
 
 def metric(port: int, name: str, labels: dict[str, str], host: str = "127.0.0.1") -> float | None:
@@ -148,7 +118,7 @@ class SimulatorThread:
 
     def __init__(self, settings: Settings, catalog: Catalog, registry: AvroRegistry, group_id: str,
                  time_scale: float) -> None:
-        start_group_at_end(settings, group_id, [STATIONS_QUEUE.name])
+        start_group_at_end(group_id, [STATIONS_QUEUE.name], settings)
         self.sim = StationSimulator(settings, catalog, time_scale=time_scale, registry=registry, group_id=group_id)
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self.sim.run, args=(self.stop_event,), daemon=True)

@@ -1,6 +1,6 @@
 """Station status takes effect live, and every station serves its queue first in, first out.
 
-A worker of its own (app ``pieceflow-test-station-status``, web port 6266) and a station simulator
+A worker of its own (a fresh app ``pieceflow-test-station-status-<hex>`` per run, web port 6266) and a station simulator
 (slow enough that queues build up) run the pipeline. The test plays the MES: it sends
 ``StationStatusChanged`` DOWN for a busy wok to ``stations.events.v1`` and checks that the queued,
 unstarted operations there move to other woks (OperationUnassigned + OperationAssigned, reason
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,7 +30,7 @@ from streams.codec import AvroRegistry
 from streams.events import Event, epoch_ms
 from streams.reference import publish_catalog
 from streams.settings import Settings
-from streams.topics import ensure_topics
+from streams.topics import ensure_topics, start_group_at_end
 from streams.topology import DEAD_LETTERS, ORDERS_DISPATCHED, ORDERS_INBOUND, STATIONS_EVENTS, STATIONS_QUEUE, TOPICS
 from tests.conftest import wait_until
 from tests.integration.live import (
@@ -38,14 +39,14 @@ from tests.integration.live import (
     StationControl,
     foreign_processing,
     metric,
-    start_group_at_end,
     unhandled_errors,
     unique,
 )
 from tests.integration.support import Collector, Record, WorkerProcess
 
-APP_ID = "pieceflow-test-station-status"
-SIM_GROUP = "pieceflow-test-station-status-sim"
+# Fresh groups per run, started at the topics' ends: earlier runs' history stays behind.
+APP_ID = f"pieceflow-test-station-status-{uuid.uuid4().hex[:6]}"
+SIM_GROUP = f"{APP_ID}-sim"
 WEB_PORT = 6266
 TIME_SCALE = 0.01  # a 150 s wok dish takes 1.5 s: enough for queues to build up
 BOUND = 120.0
@@ -58,7 +59,7 @@ def worker(
 ) -> Iterator[WorkerProcess]:
     ensure_topics(TOPICS, pipeline_settings)
     publish_catalog(catalog, pipeline_settings, registry)
-    start_group_at_end(pipeline_settings, APP_ID, WORKER_INPUTS)
+    start_group_at_end(APP_ID, WORKER_INPUTS, pipeline_settings)
     proc = WorkerProcess(
         pipeline_settings, tmp_path_factory.mktemp("station-workers"), "worker-1",
         {"PIECEFLOW_APP_ID": APP_ID, "PIECEFLOW_WEB_PORT": str(WEB_PORT)},

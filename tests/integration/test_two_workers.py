@@ -1,6 +1,6 @@
 """Two workers share N partitions; the second joins while orders flow (a rebalance under load).
 
-Both are ``pieceflow worker`` processes of one app (``pieceflow-test-2w``, web ports 6366 and 6367).
+Both are ``pieceflow worker`` processes of one app (a fresh ``pieceflow-test-2w-<hex>`` per run, web ports 6366 and 6367).
 Orders go in three waves: before the second worker starts, while the group rebalances to take it in,
 and after both hold partitions. Then:
 
@@ -15,6 +15,7 @@ and after both hold partitions. Then:
 from __future__ import annotations
 
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from streams.codec import AvroRegistry
 from streams.events import Event
 from streams.reference import publish_catalog
 from streams.settings import Settings
-from streams.topics import ensure_topics
+from streams.topics import ensure_topics, start_group_at_end
 from streams.topology import (
     DEAD_LETTERS,
     ORDERS_DECISIONS,
@@ -47,7 +48,6 @@ from tests.integration.live import (
     SimulatorThread,
     foreign_processing,
     metric,
-    start_group_at_end,
     unhandled_errors,
     unique,
     without_repeats,
@@ -56,8 +56,9 @@ from tests.integration.support import Collector, WorkerProcess, seq_violations
 
 pytestmark = pytest.mark.timeout(900)
 
-APP_ID = "pieceflow-test-2w"
-SIM_GROUP = "pieceflow-test-2w-sim"
+# Fresh groups per run, started at the topics' ends: earlier runs' history stays behind.
+APP_ID = f"pieceflow-test-2w-{uuid.uuid4().hex[:6]}"
+SIM_GROUP = f"{APP_ID}-sim"
 PORTS = (6366, 6367)
 ORDER_KEYED = [ORDERS_DECISIONS, ORDERS_WORKITEMS, ORDERS_STATUS, ORDERS_DISPATCHED, ORDERS_LEADTIME]
 WAVE = 20
@@ -75,7 +76,7 @@ def workers(pipeline_settings: Settings, catalog: Catalog, registry: AvroRegistr
     ensure_topics(TOPICS, pipeline_settings)
     assert pipeline_settings.partitions >= 4, "the pipeline topics need several partitions to share"
     publish_catalog(catalog, pipeline_settings, registry)
-    start_group_at_end(pipeline_settings, APP_ID, WORKER_INPUTS)
+    start_group_at_end(APP_ID, WORKER_INPUTS, pipeline_settings)
     procs: list[WorkerProcess] = []
     yield procs
     for proc in procs:
