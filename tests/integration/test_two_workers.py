@@ -1,6 +1,7 @@
 """Two workers share N partitions; the second joins while orders flow (a rebalance under load).
 
-Both are ``pieceflow worker`` processes of one app (a fresh ``pieceflow-test-2w-<hex>`` per run, web ports 6366 and 6367).
+Both are ``pieceflow worker`` processes of one app (a fresh ``pieceflow-test-2w-<hex>`` per run, web
+ports 6366 and 6367).
 Orders go in three waves: before the second worker starts, while the group rebalances to take it in,
 and after both hold partitions. Then:
 
