@@ -204,8 +204,9 @@ def worker(
         err=True,
     )
     Path(topology.app.conf.datadir).parent.mkdir(parents=True, exist_ok=True)
-    # Both libraries build debug records on every send unless their loggers are above DEBUG.
-    for noisy in ("aiokafka", "faust.topics", "faust.transport"):
+    # Both libraries build debug records on every send unless their loggers are above DEBUG; httpx logs
+    # one INFO line per registry lookup, which drowns the worker's own lines.
+    for noisy in ("aiokafka", "faust.topics", "faust.transport", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     sys.argv = ["pieceflow worker", "worker", "--loglevel", loglevel, "--web-port", str(settings.web_port)]
     topology.app.main()

@@ -102,9 +102,15 @@ def test_a_three_node_cluster_keeps_writing_with_one_broker_down(
         cluster.up(cluster=3)
         admin = AdminClient({"bootstrap.servers": cluster.bootstrap()})
         admin.create_topics([NewTopic("replicated", 3, 3)])["replicated"].result(timeout=30)
-        meta = admin.list_topics(timeout=10)
-        assert len(meta.brokers) == 3
-        assert all(len(p.replicas) == 3 for p in meta.topics["replicated"].partitions.values())
+
+        def replicated() -> object:
+            # A new topic reaches each broker's metadata cache a moment after creation returns.
+            meta = admin.list_topics(timeout=10)
+            topic = meta.topics.get("replicated")
+            ready = len(meta.brokers) == 3 and topic is not None and len(topic.partitions) == 3
+            return ready and all(len(p.replicas) == 3 and len(p.isrs) == 3 for p in topic.partitions.values())
+
+        wait_until(replicated, 30, "three partitions with three in-sync replicas each on three brokers")
         configs = admin.describe_configs([ConfigResource("topic", "replicated")])
         assert next(iter(configs.values())).result()["min.insync.replicas"].value == "2"
 

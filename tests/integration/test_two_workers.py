@@ -120,6 +120,20 @@ def run(
     admin = AdminClient({"bootstrap.servers": pipeline_settings.kafka_bootstrap})
     result = Run()
 
+    def stuck() -> str:
+        """Where the orders not yet dispatched stopped: the event types seen for each, and assigned vs planned ops."""
+        done = {r.key for r in collector.for_orders(result.orders, "OrderDispatched")}
+        lines = []
+        for oid in sorted(result.orders - done):
+            records = collector.for_orders({oid})
+            planned = {o["op_id"] for r in records if r.type == "WorkItemPlanned" for o in r.value["operations"]}
+            assigned = {r.value["op_id"] for r in records if r.type == "OperationAssigned"}
+            statuses = [(r.value["state"], r.value["ops_done"], r.value["ops_total"]) for r in records
+                        if r.type == "OrderStatus"]
+            lines.append(f"{oid}: {sorted(Counter(r.type for r in records).items())}, "
+                         f"ops assigned {len(assigned & planned)}/{len(planned)}, statuses {statuses}")
+        return "\n".join(lines)
+
     def wait(what: str, condition: object, bound: float = BOUND) -> object:
         def check() -> object:
             for w in workers:
@@ -133,7 +147,8 @@ def run(
             return wait_until(check, bound, what, interval=0.1)
         except pytest.fail.Exception:
             tails = "\n".join(f"--- {w.log.name}\n{w.tail()}" for w in workers)
-            pytest.fail(f"timed out after {bound:.0f}s waiting for {what}; worker logs end:\n{tails}")
+            pytest.fail(f"timed out after {bound:.0f}s waiting for {what}; orders not dispatched:\n{stuck()}\n"
+                        f"worker logs end:\n{tails}")
 
     def wave(n: int) -> set[str]:
         ids = set()
