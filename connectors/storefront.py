@@ -19,8 +19,11 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "partitioner": "murmur2_random",
     "acks": "all",
     "enable.idempotence": True,
-    # Batch size of one: an order leaves the moment it is handed over.
+    # Batch size of one: an order leaves the moment it is handed over...
     "linger.ms": 0,
+    # ...and is not held back by Nagle's algorithm behind the previous, still unacknowledged request
+    # (measured on one local broker: four forwarding hops p50 10.9 ms with Nagle, 5.7 ms without).
+    "socket.nagle.disable": True,
 }
 
 

@@ -11,17 +11,24 @@ import io
 import json
 import struct
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import fastavro
 import faust
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from streams import schemas
 
 MAGIC = 0
 REGISTRY_TIMEOUT_SECONDS = 10
+# How long an id the registry said it does not have is refused without asking again: a topic full of
+# records with an unknown id would otherwise cost one registry round trip per record.
+MISSING_ID_SECONDS = 60.0
 _HEADER = struct.Struct(">bI")
 
 
@@ -45,14 +52,24 @@ class Decoded:
 
 @dataclass(frozen=True)
 class Undecodable:
-    """Bytes that are not a record we can read. Agents send these to the dead-letter topic."""
+    """Bytes that could not be read.
+
+    With ``retry`` unset they are not a record we can read, and agents send them to the dead-letter
+    topic. With ``retry`` set the registry could not be asked for their schema: a transient outage,
+    not bad input, so agents call ``retry`` until it decodes them.
+    """
 
     raw: bytes
     error: str
+    retry: Callable[[], Decoded] | None = None
 
 
 class DecodeError(ValueError):
     pass
+
+
+class RegistryUnavailable(DecodeError):
+    """The registry did not answer for a schema id: the record may well be good; try again later."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,7 @@ class AvroRegistry:
         self.client = client
         self._ids: dict[tuple[str, str], int] = {}
         self._readers: dict[int, _Reader] = {}
+        self._missing: dict[int, tuple[float, str]] = {}  # id -> (when the registry said so, what it said)
         self._lock = threading.Lock()
 
     @classmethod
@@ -94,7 +112,7 @@ class AvroRegistry:
             return found
         with self._lock:
             if schema_id not in self._readers:
-                registered = self.client.get_schema(schema_id)
+                registered = self._fetch(schema_id)
                 writer_raw = json.loads(registered.schema_str or "null")
                 if not isinstance(writer_raw, dict) or writer_raw.get("type") != "record":
                     raise DecodeError(f"schema id {schema_id} is not an Avro record schema")
@@ -104,6 +122,23 @@ class AvroRegistry:
                 reader = schemas.parsed_schema(name) if name in schemas.all_schema_names() else writer
                 self._readers[schema_id] = _Reader(name, writer, reader)
             return self._readers[schema_id]
+
+    def _fetch(self, schema_id: int) -> Schema:
+        missing = self._missing.get(schema_id)
+        if missing is not None and time.monotonic() - missing[0] < MISSING_ID_SECONDS:
+            raise DecodeError(f"schema id {schema_id} is not in the registry: {missing[1]}")
+        try:
+            return self.client.get_schema(schema_id)
+        except SchemaRegistryError as exc:
+            status = exc.http_status_code
+            if status == 404:
+                self._missing[schema_id] = (time.monotonic(), exc.error_message)
+                raise DecodeError(f"schema id {schema_id} is not in the registry: {exc.error_message}") from exc
+            if 400 <= status < 500 and status not in (408, 429):  # refused for good, not busy or slow
+                raise DecodeError(f"the registry refused schema id {schema_id}: {exc}") from exc
+            raise RegistryUnavailable(f"the registry failed to return schema id {schema_id}: {exc}") from exc
+        except Exception as exc:  # connection refused, timeout: nothing is known about the record yet
+            raise RegistryUnavailable(f"the registry did not answer for schema id {schema_id}: {exc!r}") from exc
 
     def encode(self, topic: str, record: str, value: dict[str, Any]) -> bytes:
         schema_id = self.schema_id(topic, record)
@@ -120,8 +155,10 @@ class AvroRegistry:
             raise DecodeError(f"unknown magic byte {magic}: not the Confluent Avro wire format")
         try:
             reader = self.reader(schema_id)
-        except Exception as exc:
-            raise DecodeError(f"schema id {schema_id} cannot be fetched from the registry: {exc}") from exc
+        except DecodeError:
+            raise
+        except Exception as exc:  # the registry's schema itself does not parse
+            raise DecodeError(f"schema id {schema_id} from the registry is not usable: {exc}") from exc
         buf = io.BytesIO(data)
         buf.seek(_HEADER.size)
         try:
@@ -155,5 +192,7 @@ class AvroCodec(faust.Codec):
     def _loads(self, s: bytes) -> Decoded | Undecodable:
         try:
             return self.registry.decode(s)
+        except RegistryUnavailable as exc:
+            return Undecodable(bytes(s), str(exc), retry=partial(self.registry.decode, bytes(s)))
         except DecodeError as exc:
             return Undecodable(bytes(s), str(exc))

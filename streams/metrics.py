@@ -89,6 +89,11 @@ DEAD_LETTERS = Counter(
     "Events routed to the dead-letter topic, by the stage that gave up and why.",
     ["stage", "reason"],
 )
+REGISTRY_RETRIES = Counter(
+    "pieceflow_registry_retries_total",
+    "Attempts to read an event again because the schema registry did not answer for its schema.",
+    ["stage"],
+)
 CONSUMER_LAG = Gauge(
     "pieceflow_consumer_lag_messages",
     "Messages between a partition's end offset and the worker's position in it.",

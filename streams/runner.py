@@ -2,19 +2,23 @@
 
 No exception leaves ``StageRunner.run``: Faust acks an event whose agent raised, and the event would be
 lost. Anything that cannot be processed goes to the dead-letter topic with its original bytes.
+An event whose schema the registry did not return is not bad input: the runner reads it again, with
+backoff, until the registry answers. Its partition waits meanwhile, so nothing overtakes it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import faust
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from streams import metrics
-from streams.codec import Decoded, Undecodable
+from streams.codec import Decoded, DecodeError, RegistryUnavailable, Undecodable
 from streams.events import Event
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,32 @@ class StageRunner:
             headers=dead_letter_headers(event, self.stage, reason, error),
         )
 
+    async def read_again(self, event: faust.EventT, value: Undecodable) -> Decoded | Undecodable:
+        """Decode ``value`` again until the registry answers; a definite answer may still be a refusal."""
+        retry = value.retry
+        assert retry is not None
+
+        def waiting(state: Any) -> None:
+            metrics.REGISTRY_RETRIES.labels(stage=self.stage).inc()
+            log.warning(
+                "%s: %s[%s]@%s waits for the schema registry (attempt %d): %s",
+                self.stage, event.message.topic, event.message.partition, event.message.offset,
+                state.attempt_number, state.outcome.exception() if state.outcome else value.error,
+            )
+
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(RegistryUnavailable),
+                wait=wait_exponential(multiplier=0.1, max=5.0),
+                before_sleep=waiting,
+            ):
+                with attempt:
+                    # In a thread: a registry that hangs must not stall the worker's other partitions.
+                    return await asyncio.to_thread(retry)
+        except DecodeError as exc:
+            return Undecodable(value.raw, str(exc))
+        raise AssertionError("unreachable: the retry loop either returns or raises")
+
     async def emit(self, outputs: Iterable[Event]) -> None:
         for out in outputs:
             await self.routes[out.type].send(key=out.key.encode(), value=out)
@@ -68,6 +98,8 @@ class StageRunner:
         """Process one event; returns what was emitted (empty when it was dead-lettered)."""
         metrics.STAGE_EVENTS_IN.labels(stage=self.stage).inc()
         value: Any = event.value
+        if isinstance(value, Undecodable) and value.retry is not None:
+            value = await self.read_again(event, value)
         if isinstance(value, Undecodable):
             await self.dead_letter(event, "undecodable", value.error)
             return []

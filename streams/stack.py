@@ -178,6 +178,10 @@ class LocalStack:
             return None
         return pid if self._marker() in cmdline.split("\0") else None
 
+    def pid(self, name: str) -> int | None:
+        """The pid of a running process of this stack (``kafka-1``, ``registry``), None if not running."""
+        return self._read_pid(name)
+
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> int:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)

@@ -264,26 +264,27 @@ lane_events = sink(STATIONS_LANE_EVENTS)
 order_operations = sink(ORDERS_OPERATIONS)
 
 
-def reroute_step(targets: list[tuple[faust.TopicT, str]], value: Decoded) -> list[Event]:
+def reroute_step(targets: list[tuple[faust.TopicT, Event]], value: Decoded) -> list[Event]:
     """Collect where a station event goes: to its lane, and operation events also to their order."""
     current = catalog()
     if value.type == "StationStatusChanged":
-        targets.append((lane_events, current.lane_of_station(value.value["station_id"])))
+        keys = [(lane_events, current.lane_of_station(value.value["station_id"]))]
     elif value.type in ORDERS_OPERATIONS.values:
-        targets.append((lane_events, current.lane_of(value.value["capability"])))
-        targets.append((order_operations, value.value["order_id"]))
+        keys = [(lane_events, current.lane_of(value.value["capability"])),
+                (order_operations, value.value["order_id"])]
     else:
         raise ValueError(f"unexpected {value.type} on {STATIONS_EVENTS.name}")
+    targets.extend((topic, Event(value.type, key, value.value)) for topic, key in keys)
     return []
 
 
 @app.agent(source(STATIONS_EVENTS), concurrency=1)
 async def reroute(stream: faust.StreamT) -> None:
     async for event in stream.events():
-        targets: list[tuple[faust.TopicT, str]] = []
+        targets: list[tuple[faust.TopicT, Event]] = []
         await reroute_runner.run(event, partial(reroute_step, targets))
-        for topic, key in targets:
-            await topic.send(key=key.encode(), value=Event(event.value.type, key, event.value.value))
+        for topic, out in targets:
+            await topic.send(key=out.key.encode(), value=out)
 
 
 # ---- web ----------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from typing import Any, Final
 
 import psycopg
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, Message, TopicPartition
-from confluent_kafka.schema_registry.error import SchemaRegistryError
 from prometheus_client import Counter as MetricCounter
 from tenacity import (
     RetryCallState,
@@ -38,7 +37,7 @@ from tenacity import (
 
 from connectors.erp.rows import TOPICS, Unmapped, change_for
 from connectors.erp.store import apply_change
-from streams.codec import AvroRegistry, DecodeError
+from streams.codec import AvroRegistry, DecodeError, RegistryUnavailable
 from streams.metrics import SINK_ROWS
 from streams.settings import Settings
 
@@ -72,22 +71,6 @@ class TransientFailure(Exception):
 
 class SinkUnavailable(RuntimeError):
     """PostgreSQL or the registry stayed unreachable for longer than the retry budget."""
-
-
-def registry_unreachable(exc: DecodeError) -> bool:
-    """True when ``exc`` means the registry could not be asked, rather than bad bytes.
-
-    The codec wraps every failure to fetch a writer schema in a DecodeError whose cause is the
-    client's error: a 4xx answer means the id does not exist (the bytes are wrong), anything else
-    (connection refused, timeout, 5xx) means the registry is away and the record is fine.
-    """
-    cause = exc.__cause__
-    if cause is None or "cannot be fetched from the registry" not in str(exc) or isinstance(cause, DecodeError):
-        return False
-    if isinstance(cause, SchemaRegistryError):
-        status = cause.http_status_code
-        return not (400 <= status < 500) or status in (408, 429)
-    return True
 
 
 @dataclass
@@ -353,9 +336,9 @@ class ErpSink:
             return "tombstone"  # compaction markers on the status topic carry no event
         try:
             decoded = self.registry.decode(raw)
+        except RegistryUnavailable as exc:
+            raise TransientFailure(f"schema registry: {exc}") from exc
         except DecodeError as exc:
-            if registry_unreachable(exc):
-                raise TransientFailure(f"schema registry: {exc}") from exc
             log.warning("skipping undecodable record %s: %s", where, exc)
             return "undecodable"
         try:

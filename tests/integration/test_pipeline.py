@@ -7,13 +7,20 @@ wire format) and the outputs are read back with plain consumers.
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import signal
+import struct
 import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import fastavro
 import pytest
 from confluent_kafka import Producer
+from confluent_kafka.schema_registry import Schema
 
 from connectors.shopfront import build_order, cancellation
 from connectors.stations import StationSimulator
@@ -22,7 +29,9 @@ from streams.catalog import Catalog
 from streams.codec import AvroRegistry
 from streams.events import Event
 from streams.reference import publish_catalog
+from streams.schemas import load_schema
 from streams.settings import Settings
+from streams.stack import LocalStack
 from streams.topics import ensure_topics, start_group_at_end
 from streams.topology import (
     DEAD_LETTERS,
@@ -36,6 +45,7 @@ from streams.topology import (
     TOPICS,
 )
 from tests.conftest import wait_until
+from tests.integration.live import metric
 from tests.integration.support import Collector, WorkerProcess, seq_violations
 
 OUTPUTS = [ORDERS_DECISIONS, ORDERS_WORKITEMS, STATIONS_QUEUE, ORDERS_STATUS, ORDERS_DISPATCHED, ORDERS_LEADTIME,
@@ -44,6 +54,7 @@ BOUND = 90.0
 # A fresh consumer group per run, started at the topics' ends: earlier runs' history stays behind.
 APP_ID = f"pieceflow-test-{uuid.uuid4().hex[:6]}"
 PIPELINE_TOPICS = [t.name for t in TOPICS if not t.name.startswith("catalog.")]
+WORKER_PORT = 6166
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +67,7 @@ def worker(
     start_group_at_end(f"{APP_ID}-stations", [STATIONS_QUEUE.name], pipeline_settings)
     proc = WorkerProcess(
         pipeline_settings, tmp_path_factory.mktemp("workers"), "worker-1",
-        {"PIECEFLOW_APP_ID": APP_ID, "PIECEFLOW_WEB_PORT": "6166"},
+        {"PIECEFLOW_APP_ID": APP_ID, "PIECEFLOW_WEB_PORT": str(WORKER_PORT)},
     )
     yield proc
     proc.stop()
@@ -233,3 +244,39 @@ def test_cancelled_order_is_never_dispatched(
 def test_worker_log_shows_no_unhandled_errors(worker: WorkerProcess) -> None:
     text = Path(worker.log).read_text(errors="replace")
     assert "Traceback" not in text.replace("dead-lettering", ""), worker.tail()
+
+
+def test_a_hung_registry_delays_an_order_but_never_dead_letters_it(
+    worker: WorkerProcess, collector: Collector, catalog: Catalog, pipeline_settings: Settings,
+    registry: AvroRegistry, stack: LocalStack,
+) -> None:
+    """The registry is frozen (SIGSTOP, like a hung JVM) while the worker meets a schema id it has not
+    read before: the worker waits and retries, then accepts the order once the registry answers."""
+    # A writer schema the worker has never fetched: today's OrderPlaced plus one optional field.
+    probe = load_schema("OrderPlaced")
+    probe["fields"] = [*probe["fields"], {"name": "outage_probe", "type": ["null", "string"], "default": None,
+                                          "doc": "Test-only field that gives this writer schema its own id."}]
+    schema_id = registry.client.register_schema(f"pieceflow-test-outage-{uuid.uuid4().hex[:8]}",
+                                                Schema(json.dumps(probe), "AVRO"))
+    order = build_order(catalog, [("spring-rolls", 1, [])], external_id=unique("outage"))
+    body = io.BytesIO()
+    body.write(struct.pack(">bI", 0, schema_id))
+    fastavro.schemaless_writer(body, fastavro.parse_schema(probe), {**order, "outage_probe": "hello"})
+    oid = str(order["order_id"])
+    retries = {"stage": "validation"}
+    before = metric(WORKER_PORT, "pieceflow_registry_retries_total", retries) or 0.0
+    pid = stack.pid("registry")
+    assert pid is not None, "the registry of the local stack is not running"
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        raw = Producer({"bootstrap.servers": pipeline_settings.kafka_bootstrap, "partitioner": "murmur2_random"})
+        raw.produce(ORDERS_INBOUND.name, key=oid.encode(), value=body.getvalue())
+        assert raw.flush(10) == 0
+        wait_for(collector, worker, "the worker retrying against the frozen registry",
+                 lambda: (metric(WORKER_PORT, "pieceflow_registry_retries_total", retries) or 0.0) > before)
+        assert not collector.for_orders({oid}, "OrderAccepted")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(collector, worker, "the order accepted once the registry answers",
+             lambda: collector.for_orders({oid}, "OrderAccepted"))
+    assert not collector.where(topic=DEAD_LETTERS.name, key=oid)

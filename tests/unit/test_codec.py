@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any, cast
 
 import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from streams.codec import AvroCodec, AvroRegistry, Decoded, DecodeError, Undecodable
 from streams.events import Event
@@ -58,7 +60,7 @@ def test_money_stays_decimal(registry: AvroRegistry) -> None:
     [
         (b"", "shorter than the 5-byte"),
         (b"\x01\x00\x00\x00\x01abc", "magic byte"),
-        (b"\x00\x00\x00\x7f\xffabc", "cannot be fetched"),
+        (b"\x00\x00\x00\x7f\xffabc", "is not in the registry"),
     ],
 )
 def test_bad_bytes_raise_a_clear_error(registry: AvroRegistry, data: bytes, message: str) -> None:
@@ -81,3 +83,46 @@ def test_faust_codec_never_raises_on_receive(registry: AvroRegistry) -> None:
     event = rejected()
     assert codec.loads(codec.dumps(event)) == Decoded(event.type, event.value)
     assert codec.dumps(b"raw bytes") == b"raw bytes"  # dead letters keep the original bytes
+
+
+class FlakyRegistryClient:
+    """Delegates to a registry client, but answers ``get_schema`` with the given failures first."""
+
+    def __init__(self, client: SchemaRegistryClient, failures: list[Exception]) -> None:
+        self.client = client
+        self.failures = failures
+        self.calls = 0
+
+    def get_schema(self, schema_id: int) -> Any:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return self.client.get_schema(schema_id)
+
+
+def test_an_unanswered_schema_lookup_is_retryable_not_bad_input(registry: AvroRegistry) -> None:
+    data = AvroCodec(registry, "orders.decisions.v1").dumps(rejected())
+    flaky = FlakyRegistryClient(registry.client, [ConnectionError("connection refused")])
+    reading = AvroCodec(AvroRegistry(cast(SchemaRegistryClient, flaky)), "orders.decisions.v1")
+    value = reading.loads(data)
+    assert isinstance(value, Undecodable) and value.retry is not None
+    assert "did not answer" in value.error
+    assert value.retry() == Decoded("OrderRejected", rejected().value)  # the registry is back
+
+
+def test_an_unknown_schema_id_is_refused_and_not_asked_for_again(registry: AvroRegistry) -> None:
+    data = AvroCodec(registry, "orders.decisions.v1").dumps(rejected())
+    flaky = FlakyRegistryClient(registry.client, [SchemaRegistryError(404, 40403, "Schema not found")])
+    reading = AvroCodec(AvroRegistry(cast(SchemaRegistryClient, flaky)), "orders.decisions.v1")
+    for _ in range(3):
+        value = reading.loads(data)
+        assert isinstance(value, Undecodable) and value.retry is None
+        assert "is not in the registry: Schema not found" in value.error
+    assert flaky.calls == 1
+
+
+def test_a_registry_error_other_than_not_found_is_retryable(registry: AvroRegistry) -> None:
+    data = AvroCodec(registry, "orders.decisions.v1").dumps(rejected())
+    flaky = FlakyRegistryClient(registry.client, [SchemaRegistryError(503, 50301, "unavailable")])
+    value = AvroCodec(AvroRegistry(cast(SchemaRegistryClient, flaky)), "orders.decisions.v1").loads(data)
+    assert isinstance(value, Undecodable) and value.retry is not None

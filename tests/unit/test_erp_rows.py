@@ -9,15 +9,12 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from connectors.erp import rows
 from connectors.erp.rows import Change, Unmapped, Upsert, change_for, jsonable
 from connectors.erp.schema import MIGRATIONS_DIR, discover
-from connectors.erp.sink import registry_unreachable
 from connectors.erp.store import upsert_statement
 from streams.catalog import Catalog
-from streams.codec import DecodeError
 from tests.unit.conftest import T0
 
 S = timedelta(seconds=1)
@@ -229,20 +226,3 @@ def test_migrations_are_numbered_from_one_without_gaps() -> None:
     assert [m.version for m in found] == list(range(1, len(found) + 1))
     assert all(path.name[:3].isdigit() for path in MIGRATIONS_DIR.glob("*.sql"))
     assert "event_positions" in table_columns()
-
-
-def _decode_error(cause: Exception, fetch: bool = True) -> DecodeError:
-    message = "schema id 7 cannot be fetched from the registry: x" if fetch else "body does not match schema 7"
-    try:
-        raise DecodeError(message) from cause
-    except DecodeError as exc:
-        return exc
-
-
-def test_registry_outages_are_retried_but_unknown_schema_ids_are_skipped() -> None:
-    assert registry_unreachable(_decode_error(ConnectionRefusedError("refused")))
-    assert registry_unreachable(_decode_error(SchemaRegistryError(503, 50301, "unavailable")))
-    assert not registry_unreachable(_decode_error(SchemaRegistryError(404, 40403, "Schema not found")))
-    assert not registry_unreachable(_decode_error(DecodeError("not a record schema")))
-    assert not registry_unreachable(_decode_error(EOFError(), fetch=False))
-    assert not registry_unreachable(DecodeError("5 bytes is shorter than the header"))

@@ -37,6 +37,7 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "pieceflow_orders_open": ("gauge", ()),
     "pieceflow_orders_overdue": ("gauge", ()),
     "pieceflow_dead_letters_total": ("counter", ("stage", "reason")),
+    "pieceflow_registry_retries_total": ("counter", ("stage",)),
     "pieceflow_station_queue_depth": ("gauge", ("station",)),
     "pieceflow_station_wip": ("gauge", ("station",)),
     "pieceflow_lane_waiting_operations": ("gauge", ("lane",)),
