@@ -25,6 +25,8 @@ thousands of orders. ``--shared-stack`` is still there for a quick look; the rep
 consumer groups that were live on the pipeline topics (``foreign_consumers``) and counts records on
 ``orders.inbound.v1`` that the bench did not send (``foreign_inbound``). ``--null`` always runs
 private: its pass-through records would be dead-lettered by any real agent that read them.
+``--null --workers 0`` is the floor: no hop at all, the orders go straight to ``stations.queue.v1``,
+so it measures one Kafka leg (producer, broker, consumer) with the same clients and clock.
 
 Everything the bench started is stopped and its Faust-internal topics and groups are deleted; the
 shared stack is left running.
@@ -539,6 +541,14 @@ class Bench:
         self.echo(f"Started {self.options.workers} {what} worker(s) as app {self.app_id}"
                   f"{'' if self.options.null else ' and an instant station simulator'}; logs in {self.log_dir}")
 
+    @property
+    def send_topic(self) -> str:
+        """Where orders go in: the inbound topic, or with no null workers the last hop's topic (one leg)."""
+        return QUEUE if self.options.null and self.options.workers == 0 else INBOUND
+
+    def first_tail(self) -> str:
+        return self.children[0].tail() if self.children else "(no workers)"
+
     def check_children(self) -> None:
         for child in self.children:
             if not child.alive():
@@ -587,12 +597,14 @@ class Bench:
         last_note = 0.0
         while True:
             self.check_children()
+            if self.options.workers == 0:
+                break  # the floor: nothing to wait for but the broker
             state, members = self.group_members()
             if state == "STABLE" and members == self.options.workers:
                 break
             if time.monotonic() > deadline:
                 raise BenchError(f"the workers' group was {state} with {members} member(s) after "
-                                 f"{self.options.ready_timeout:.0f}s:\n{self.children[0].tail()}")
+                                 f"{self.options.ready_timeout:.0f}s:\n{self.first_tail()}")
             if time.monotonic() - last_note > 5:
                 self.echo(f"  waiting for the workers to join: group {state}, {members}/{self.options.workers}")
                 last_note = time.monotonic()
@@ -606,7 +618,7 @@ class Bench:
             receiver = Receiver(self.settings, self.registry, tracked, self.options.null).start()
             try:
                 for probe in probes:
-                    producer.produce(INBOUND, key=probe.key, value=probe.value, headers=probe.headers)
+                    producer.produce(self.send_topic, key=probe.key, value=probe.value, headers=probe.headers)
                 producer.flush(30)
                 while time.monotonic() < deadline:
                     self.check_children()
@@ -618,11 +630,13 @@ class Bench:
                     time.sleep(0.1)
                 else:
                     raise BenchError(f"probe orders did not come through within {self.options.ready_timeout:.0f}s:"
-                                     f"\n{self.children[0].tail()}")
+                                     f"\n{self.first_tail()}")
                 if receiver.seen.rejected:
                     raise BenchError(f"probe orders were rejected: {sorted(receiver.seen.rejected)[:3]}")
             finally:
                 receiver.close()
+            if self.options.workers == 0:
+                return time.monotonic() - started
             state, members = self.group_members()
             if state == "STABLE" and members == self.options.workers:
                 return time.monotonic() - started
@@ -678,7 +692,7 @@ class Bench:
         wall_start = 0.0
         next_report = t0 + 2_000_000_000
         sleep, perf = time.sleep, time.perf_counter_ns
-        produce, poll = producer.produce, producer.poll
+        produce, poll, topic = producer.produce, producer.poll, self.send_topic
         try:
             for i, order in enumerate(prepared):
                 intended = t0 + round(i * interval)
@@ -694,7 +708,7 @@ class Bench:
                     pass
                 orders[order.order_id] = Tracked(intended, i >= warmup_n)
                 now = perf()
-                produce(INBOUND, key=order.key, value=order.value, headers=order.headers, on_delivery=on_delivery)
+                produce(topic, key=order.key, value=order.value, headers=order.headers, on_delivery=on_delivery)
                 poll(0)
                 if i >= warmup_n:
                     record_us(send_delay, now - intended)
@@ -746,8 +760,8 @@ class Bench:
     def _inbound_end(self) -> int:
         consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap, "group.id": "pieceflow-bench-ends"})
         try:
-            meta = consumer.list_topics(INBOUND, timeout=10).topics[INBOUND]
-            return sum(consumer.get_watermark_offsets(TopicPartition(INBOUND, p), timeout=10)[1]
+            meta = consumer.list_topics(self.send_topic, timeout=10).topics[self.send_topic]
+            return sum(consumer.get_watermark_offsets(TopicPartition(self.send_topic, p), timeout=10)[1]
                        for p in meta.partitions)
         finally:
             consumer.close()
@@ -886,7 +900,7 @@ class Bench:
                 self.private.down(purge=True)
         meta = {
             "bench": {
-                "mode": "null" if opts.null else "pipeline",
+                "mode": ("floor" if opts.workers == 0 else "null") if opts.null else "pipeline",
                 "started_at": started_at.isoformat(),
                 "rate": opts.rate, "duration_s": opts.duration, "warmup_s": opts.warmup,
                 "workers": opts.workers, "partitions": self.partitions, "seed": opts.seed,

@@ -338,7 +338,9 @@ def bench(
     rate: float = typer.Option(200.0, help="Orders per second, sent open-loop at fixed intended times."),
     duration: float = typer.Option(10.0, help="Measured seconds."),
     warmup: float = typer.Option(3.0, help="Seconds sent at the same rate before measuring (not measured)."),
-    workers: int = typer.Option(1, help="Faust worker processes."),
+    workers: int = typer.Option(
+        1, help="Faust worker processes; with --null, 0 measures the floor: one Kafka leg, no hop."
+    ),
     partitions: int | None = typer.Option(
         None, help="Partitions of the pipeline topics (default: what they have; growing needs --grow-partitions)."
     ),
@@ -366,8 +368,9 @@ def bench(
     from streams.bench import BenchError, BenchOptions, run_bench, summary_line, write_report
     from streams.stack import StackError
 
-    if rate <= 0 or duration <= 0 or warmup < 0 or workers < 1:
-        raise fail("--rate and --duration must be positive, --warmup not negative, --workers at least 1")
+    if rate <= 0 or duration <= 0 or warmup < 0 or workers < (0 if null else 1):
+        raise fail("--rate and --duration must be positive, --warmup not negative, --workers at least 1 "
+                   "(0 only with --null: the floor, one Kafka leg with no hop)")
     try:
         sweep_rates = tuple(float(r) for r in rates.split(",") if r.strip())
     except ValueError as exc:

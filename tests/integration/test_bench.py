@@ -64,3 +64,17 @@ def test_a_short_bench_reports_consistent_counts(stack: LocalStack, tmp_path: Pa
     names = {p["name"] for p in report["cpu"]["processes"]}
     assert {"worker-1", "simulator", "bench"} <= names
     assert all(p["cpu_s"] >= 0 for p in report["cpu"]["processes"])
+
+
+def test_the_floor_measures_one_kafka_leg_with_no_worker(stack: LocalStack, tmp_path: Path) -> None:
+    report = run_bench(tmp_path, "--null", "--workers", "0", "--rate", "200", "--duration", "2", "--warmup", "1")
+
+    assert report["bench"]["mode"] == "floor"
+    counts = report["counts"]
+    assert counts["sent"] == counts["warmup_sent"] + counts["measured_sent"] == 600
+    assert counts["assigned"] == counts["sent"] and counts["lost"] == 0
+    assert counts["duplicated"] == counts["out_of_order"] == counts["send_failures"] == 0
+    assert report["latency_ms"]["placed_to_assigned"]["count"] == counts["measured_sent"]
+    assert report["latency_ms"]["placed_to_dispatched"] is None
+    names = {p["name"] for p in report["cpu"]["processes"]}
+    assert not any(name.startswith("worker") for name in names) and "bench" in names
