@@ -17,7 +17,12 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         "producer_linger": 0.0,  # batch size of one: nothing waits to fill a batch
         "producer_acks": -1,
         "broker_commit_interval": 0.5,
-        "stream_buffer_maxsize": 256,
+        # When an agent's buffer is full, Faust pauses the partitions that feed it and resumes them
+        # once it drains, and a resumed partition waits for the fetcher's next round. With 256 a burst
+        # of station events kept the tracking agent pausing: two workers at 15 orders/s measured p50
+        # 251 ms placed->assigned, against 66-76 ms with 4096. A rebalance clears these buffers, and
+        # what they held is read again from the committed offsets, so the size adds no loss.
+        "stream_buffer_maxsize": 4096,
         "stream_wait_empty": True,
         "stream_publish_on_commit": False,
         "consumer_auto_offset_reset": "earliest",
