@@ -13,8 +13,10 @@ import time
 import urllib.request
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import pairwise
+
+import pytest
 
 from connectors.stations import StationSimulator
 from connectors.storefront import OrderProducer
@@ -34,7 +36,8 @@ from streams.topology import (
     STATIONS_LANE_EVENTS,
     STATIONS_QUEUE,
 )
-from tests.integration.support import Record
+from tests.conftest import wait_until
+from tests.integration.support import Record, WorkerProcess
 
 # Every topic an agent of the topology reads (see streams/topology.py).
 WORKER_INPUTS = [t.name for t in (ORDERS_INBOUND, ORDERS_STATUS, ORDERS_DECISIONS, ORDERS_WORKITEMS,
@@ -160,3 +163,39 @@ def unhandled_errors(log_text: str) -> list[str]:
         if not handled:
             problems.append(f"...{before[-300:]}Traceback{after[:600]}")
     return problems
+
+
+def wait_live(
+    what: str,
+    condition: object,
+    bound: float,
+    workers: Sequence[WorkerProcess],
+    simulator: SimulatorThread | None = None,
+    detail: Callable[[], str] | None = None,
+) -> object:
+    """Poll ``condition`` until it holds, failing at once if a worker or the simulator dies on the way.
+
+    A timeout names ``what``, adds ``detail()`` (where things stood) and the end of every worker log;
+    a death is reported as a death, not as the timeout it would otherwise become.
+    """
+    died: list[str] = []
+
+    def check() -> object:
+        for w in workers:
+            if not w.alive():
+                died.append(f"{w.log.name} died while waiting for {what}:\n{w.tail()}")
+        if simulator is not None and not simulator.alive():
+            died.append(f"the station simulator thread died while waiting for {what} (see the warnings)")
+        if died:
+            return True
+        return condition() if callable(condition) else condition
+
+    try:
+        result = wait_until(check, bound, what, interval=0.1)
+    except pytest.fail.Exception:
+        tails = "\n".join(f"--- {w.log.name}\n{w.tail()}" for w in workers)
+        extra = f"{detail()}\n" if detail is not None else ""
+        pytest.fail(f"timed out after {bound:.0f}s waiting for {what}; {extra}worker logs end:\n{tails}")
+    if died:
+        pytest.fail(died[0])
+    return result

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import struct
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,6 @@ from confluent_kafka import Producer
 from confluent_kafka.schema_registry import Schema
 
 from connectors.shopfront import build_order, cancellation
-from connectors.stations import StationSimulator
 from connectors.storefront import OrderProducer
 from streams.catalog import Catalog
 from streams.codec import AvroRegistry
@@ -44,8 +42,7 @@ from streams.topology import (
     STATIONS_QUEUE,
     TOPICS,
 )
-from tests.conftest import wait_until
-from tests.integration.live import metric
+from tests.integration.live import SimulatorThread, metric, wait_live
 from tests.integration.support import Collector, WorkerProcess, seq_violations
 
 OUTPUTS = [ORDERS_DECISIONS, ORDERS_WORKITEMS, STATIONS_QUEUE, ORDERS_STATUS, ORDERS_DISPATCHED, ORDERS_LEADTIME,
@@ -64,7 +61,6 @@ def worker(
     ensure_topics(TOPICS, pipeline_settings)
     publish_catalog(catalog, pipeline_settings, registry)
     start_group_at_end(APP_ID, PIPELINE_TOPICS, pipeline_settings)
-    start_group_at_end(f"{APP_ID}-stations", [STATIONS_QUEUE.name], pipeline_settings)
     proc = WorkerProcess(
         pipeline_settings, tmp_path_factory.mktemp("workers"), "worker-1",
         {"PIECEFLOW_APP_ID": APP_ID, "PIECEFLOW_WEB_PORT": str(WORKER_PORT)},
@@ -74,15 +70,10 @@ def worker(
 
 
 @pytest.fixture(scope="module")
-def simulator(pipeline_settings: Settings, catalog: Catalog, registry: AvroRegistry) -> Iterator[StationSimulator]:
-    sim = StationSimulator(pipeline_settings, catalog, time_scale=0.0005, registry=registry,
-                           group_id=f"{APP_ID}-stations")
-    stop = threading.Event()
-    thread = threading.Thread(target=sim.run, args=(stop,), daemon=True)
-    thread.start()
+def simulator(pipeline_settings: Settings, catalog: Catalog, registry: AvroRegistry) -> Iterator[SimulatorThread]:
+    sim = SimulatorThread(pipeline_settings, catalog, registry, f"{APP_ID}-stations", time_scale=0.0005)
     yield sim
-    stop.set()
-    thread.join(15)
+    sim.stop()
 
 
 @pytest.fixture
@@ -101,16 +92,8 @@ def place(producer: OrderProducer, value: dict[str, object], kind: str = "OrderP
     producer.send_confirmed(Event(kind, str(value["order_id"]), dict(value)), str(value["order_id"]))
 
 
-def wait_for(collector: Collector, worker: WorkerProcess, what: str, condition: object, bound: float = BOUND) -> None:
-    def check() -> object:
-        if not worker.alive():
-            pytest.fail(f"the worker died while waiting for {what}:\n{worker.tail()}")
-        return condition() if callable(condition) else condition
-
-    try:
-        wait_until(check, bound, what)
-    except pytest.fail.Exception:
-        pytest.fail(f"timed out after {bound:.0f}s waiting for {what}; worker log ends:\n{worker.tail()}")
+def wait_for(worker: WorkerProcess, what: str, condition: object, bound: float = BOUND) -> None:
+    wait_live(what, condition, bound, [worker])
 
 
 def unique(prefix: str) -> str:
@@ -124,7 +107,7 @@ def test_walking_skeleton_order_placed_becomes_order_accepted(
                         external_id=unique("skeleton"))
     place(producer, order)
     oid = order["order_id"]
-    wait_for(collector, worker, "OrderAccepted", lambda: collector.for_orders({oid}, "OrderAccepted"))
+    wait_for(worker, "OrderAccepted", lambda: collector.for_orders({oid}, "OrderAccepted"))
     accepted = collector.for_orders({oid}, "OrderAccepted")[0]
     assert accepted.topic == ORDERS_DECISIONS.name
     assert accepted.key == oid
@@ -134,7 +117,7 @@ def test_walking_skeleton_order_placed_becomes_order_accepted(
 
 
 def test_orders_flow_to_dispatch_in_order_with_nothing_lost(
-    worker: WorkerProcess, simulator: StationSimulator, producer: OrderProducer, collector: Collector,
+    worker: WorkerProcess, simulator: SimulatorThread, producer: OrderProducer, collector: Collector,
     catalog: Catalog,
 ) -> None:
     orders = []
@@ -147,7 +130,7 @@ def test_orders_flow_to_dispatch_in_order_with_nothing_lost(
     for order in orders:
         place(producer, order)
     ids = {o["order_id"] for o in orders}
-    wait_for(collector, worker, "every order dispatched",
+    wait_for(worker, "every order dispatched",
              lambda: {r.key for r in collector.for_orders(ids, "OrderDispatched")} == ids, bound=120)
 
     dispatched = collector.for_orders(ids, "OrderDispatched")
@@ -195,7 +178,7 @@ def test_invalid_orders_are_rejected_with_typed_reasons(
     place(producer, good)
     place(producer, good)  # the same event again: a duplicate event id
     expected_dup = good["order_id"]
-    wait_for(collector, worker, "all rejections",
+    wait_for(worker, "all rejections",
              lambda: len(collector.for_orders(set(expected) | {expected_dup}, "OrderRejected")) == len(expected) + 1)
     reasons = {r.key: r.value["reason"] for r in collector.for_orders(set(expected), "OrderRejected")}
     assert reasons == expected
@@ -214,7 +197,7 @@ def test_undecodable_bytes_go_to_the_dead_letter_topic_and_the_worker_goes_on(
     assert raw.flush(10) == 0
     after = build_order(catalog, [("spring-rolls", 1, [])], external_id=unique("after-garbage"))
     place(producer, after)
-    wait_for(collector, worker, "the dead letter", lambda: collector.where(topic=DEAD_LETTERS.name, key=key))
+    wait_for(worker, "the dead letter", lambda: collector.where(topic=DEAD_LETTERS.name, key=key))
     letter = collector.where(topic=DEAD_LETTERS.name, key=key)[0]
     assert letter.raw == b"\x07not avro at all"
     assert letter.headers["dlq.reason"] == b"undecodable"
@@ -223,7 +206,7 @@ def test_undecodable_bytes_go_to_the_dead_letter_topic_and_the_worker_goes_on(
     assert letter.headers["dlq.original.key"] == key.encode()
     assert int(letter.headers["dlq.original.offset"]) >= 0
     assert b"magic byte" in letter.headers["dlq.error"]
-    wait_for(collector, worker, "the next order accepted",
+    wait_for(worker, "the next order accepted",
              lambda: collector.for_orders({after["order_id"]}, "OrderAccepted"))
 
 
@@ -234,9 +217,9 @@ def test_cancelled_order_is_never_dispatched(
     place(producer, order)
     place(producer, cancellation(order), kind="OrderCancelled")
     oid = order["order_id"]
-    wait_for(collector, worker, "the cancellation",
+    wait_for(worker, "the cancellation",
              lambda: collector.for_orders({oid}, "OrderCancellationAccepted"))
-    wait_for(collector, worker, "a CANCELLED status",
+    wait_for(worker, "a CANCELLED status",
              lambda: any(r.value["state"] == "CANCELLED" for r in collector.for_orders({oid}, "OrderStatus")))
     assert not collector.for_orders({oid}, "OrderDispatched")
 
@@ -272,11 +255,11 @@ def test_a_hung_registry_delays_an_order_but_never_dead_letters_it(
         raw = Producer({"bootstrap.servers": pipeline_settings.kafka_bootstrap, "partitioner": "murmur2_random"})
         raw.produce(ORDERS_INBOUND.name, key=oid.encode(), value=body.getvalue())
         assert raw.flush(10) == 0
-        wait_for(collector, worker, "the worker retrying against the frozen registry",
+        wait_for(worker, "the worker retrying against the frozen registry",
                  lambda: (metric(WORKER_PORT, "pieceflow_registry_retries_total", retries) or 0.0) > before)
         assert not collector.for_orders({oid}, "OrderAccepted")
     finally:
         os.kill(pid, signal.SIGCONT)
-    wait_for(collector, worker, "the order accepted once the registry answers",
+    wait_for(worker, "the order accepted once the registry answers",
              lambda: collector.for_orders({oid}, "OrderAccepted"))
     assert not collector.where(topic=DEAD_LETTERS.name, key=oid)

@@ -41,6 +41,7 @@ from tests.integration.live import (
     metric,
     unhandled_errors,
     unique,
+    wait_live,
 )
 from tests.integration.support import Collector, Record, WorkerProcess
 
@@ -144,21 +145,12 @@ def scenario(
     woks = sorted(s.station_id for s in catalog.stations_in_lane(catalog.lane_of("wok")))
     assert len(woks) >= 2, "the restaurant needs several woks for a re-assignment"
 
-    def wait(what: str, condition: object, bound: float = BOUND) -> object:
-        def check() -> object:
-            if not worker.alive():
-                pytest.fail(f"the worker died while waiting for {what}:\n{worker.tail()}")
-            if not simulator.alive():
-                pytest.fail(f"the station simulator thread died while waiting for {what} (see the warnings)")
-            return condition() if callable(condition) else condition
+    def foreign_starts() -> str:
+        foreign = simulator.foreign(ours(collector, ids, "OperationStarted"))
+        return f"{len(foreign)} operation starts of ours came from another station simulator on the shared topics"
 
-        try:
-            return wait_until(check, bound, what, interval=0.1)
-        except pytest.fail.Exception:
-            foreign = simulator.foreign(ours(collector, ids, "OperationStarted"))
-            pytest.fail(f"timed out after {bound:.0f}s waiting for {what}; "
-                        f"{len(foreign)} operation starts of ours came from another station simulator on the "
-                        f"shared topics; worker log ends:\n{worker.tail()}")
+    def wait(what: str, condition: object, bound: float = BOUND) -> object:
+        return wait_live(what, condition, bound, [worker], simulator, foreign_starts)
 
     t0 = time.monotonic()
     first = dishes(catalog, 24, "st-busy", rush_every=6)

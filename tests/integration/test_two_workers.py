@@ -43,7 +43,6 @@ from streams.topology import (
     STATIONS_QUEUE,
     TOPICS,
 )
-from tests.conftest import wait_until
 from tests.integration.live import (
     WORKER_INPUTS,
     SimulatorThread,
@@ -51,6 +50,7 @@ from tests.integration.live import (
     metric,
     unhandled_errors,
     unique,
+    wait_live,
     without_repeats,
 )
 from tests.integration.support import Collector, WorkerProcess, seq_violations
@@ -135,20 +135,7 @@ def run(
         return "\n".join(lines)
 
     def wait(what: str, condition: object, bound: float = BOUND) -> object:
-        def check() -> object:
-            for w in workers:
-                if not w.alive():
-                    pytest.fail(f"{w.log.name} died while waiting for {what}:\n{w.tail()}")
-            if not simulator.alive():
-                pytest.fail(f"the station simulator thread died while waiting for {what} (see the warnings)")
-            return condition() if callable(condition) else condition
-
-        try:
-            return wait_until(check, bound, what, interval=0.1)
-        except pytest.fail.Exception:
-            tails = "\n".join(f"--- {w.log.name}\n{w.tail()}" for w in workers)
-            pytest.fail(f"timed out after {bound:.0f}s waiting for {what}; orders not dispatched:\n{stuck()}\n"
-                        f"worker logs end:\n{tails}")
+        return wait_live(what, condition, bound, workers, simulator, lambda: f"orders not dispatched:\n{stuck()}")
 
     def wave(n: int) -> set[str]:
         ids = set()
