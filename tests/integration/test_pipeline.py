@@ -130,8 +130,10 @@ def test_orders_flow_to_dispatch_in_order_with_nothing_lost(
     for order in orders:
         place(producer, order)
     ids = {o["order_id"] for o in orders}
-    wait_for(worker, "every order dispatched",
-             lambda: {r.key for r in collector.for_orders(ids, "OrderDispatched")} == ids, bound=120)
+    # OrderDispatched and OrderLeadTime leave together but on two topics: wait until both are read back.
+    wait_for(worker, "every order dispatched, with its lead time",
+             lambda: all({r.key for r in collector.for_orders(ids, kind)} == ids
+                         for kind in ("OrderDispatched", "OrderLeadTime")), bound=120)
 
     dispatched = collector.for_orders(ids, "OrderDispatched")
     assert len(dispatched) == len(ids), "an order was dispatched twice"
