@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import faust
+
+from streams import rdkafka_producer
 from streams.settings import Settings
+
+
+def new_app(settings: Settings) -> faust.App:
+    """A Faust app that consumes through aiokafka and produces through librdkafka."""
+    app = faust.App(settings.app_id, **faust_settings(settings))
+    app.transport = rdkafka_producer.Transport(app.conf.broker_consumer, app)
+    return app
 
 
 def faust_settings(settings: Settings) -> dict[str, Any]:

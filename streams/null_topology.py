@@ -24,7 +24,7 @@ from typing import Any
 
 import faust
 
-from streams.faust_config import faust_settings
+from streams.faust_config import new_app
 from streams.settings import get_settings
 from streams.topics import TopicSpec
 
@@ -44,7 +44,7 @@ HOPS: list[tuple[str, str, str]] = [
 
 settings = get_settings()
 
-app = faust.App(settings.app_id, **faust_settings(settings))
+app = new_app(settings)
 
 
 def _forwarder(target: faust.TopicT) -> Any:

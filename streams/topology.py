@@ -29,7 +29,7 @@ from streams import metrics, observe
 from streams.catalog import Catalog
 from streams.codec import AvroCodec, AvroRegistry, Decoded
 from streams.events import Event, epoch_ms, utc_now
-from streams.faust_config import faust_settings
+from streams.faust_config import new_app
 from streams.reference import PRODUCTS_TOPIC, STATIONS_TOPIC, ReferenceData
 from streams.runner import StageRunner
 from streams.settings import get_settings
@@ -80,7 +80,7 @@ TOPICS: list[TopicSpec] = [
 settings = get_settings()
 registry = AvroRegistry.from_url(settings.schema_registry_url)
 
-app = faust.App(settings.app_id, **faust_settings(settings))
+app = new_app(settings)
 
 
 def source(*specs: TopicSpec) -> faust.TopicT:

@@ -1,0 +1,157 @@
+"""Faust's producer, sending through librdkafka (confluent-kafka) instead of aiokafka.
+
+aiokafka builds every produce request and parses every response in Python, on the worker's event loop;
+at a batch size of one that is one request per event. librdkafka does the same work in C, on its own
+threads, so an agent's send costs a hand-over and the delivery report comes back as a future.
+Everything else (consumer, group membership, topic creation, transactions) stays on Faust's aiokafka
+transport. faust-streaming ships a confluent driver, but it swaps key and value, drops headers,
+partitions by Python's randomised ``hash`` and resolves futures from a foreign thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Mapping
+from typing import Any, ClassVar
+
+import confluent_kafka
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import HeadersArg
+from faust.types.transports import ProducerT
+from faust.types.tuples import TP, RecordMetadata
+
+from connectors.storefront import PRODUCER_DEFAULTS
+
+POLL_SECONDS = 0.1
+
+
+class ProduceFailed(RuntimeError):
+    """Kafka refused a record after librdkafka's retries; Faust does not commit past it."""
+
+
+class Producer(faust_aiokafka.Producer):
+    _rdkafka: confluent_kafka.Producer | None = None
+    _polling: threading.Thread | None = None
+    _in_flight: int = 0
+    _all_delivered: asyncio.Event
+    _stopping: threading.Event
+    _failure: ProduceFailed | None = None
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        self._all_delivered = asyncio.Event()
+        self._all_delivered.set()
+        self._in_flight = 0
+        servers = ",".join(faust_aiokafka.server_list(self.transport.url, faust_aiokafka.Transport.default_port))
+        self._rdkafka = confluent_kafka.Producer(
+            {
+                "bootstrap.servers": servers,
+                "client.id": self.app.conf.broker_client_id,
+                **PRODUCER_DEFAULTS,
+            }
+        )
+        self._stopping = threading.Event()
+        self._polling = threading.Thread(target=self._poll, name="rdkafka-delivery", daemon=True)
+        self._polling.start()
+
+    def _poll(self) -> None:
+        # Delivery reports are served here, off the event loop, and handed to it one by one.
+        rdkafka = self._rdkafka
+        assert rdkafka is not None
+        while not self._stopping.is_set():
+            rdkafka.poll(POLL_SECONDS)
+
+    async def on_stop(self) -> None:
+        if self._rdkafka is not None:
+            # A failure was raised by the flush before the last commit; stopping only waits for the rest.
+            await self._all_delivered.wait()
+            self._stopping.set()
+            if self._polling is not None:
+                await asyncio.to_thread(self._polling.join)
+            self._rdkafka = None
+        await super().on_stop()
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp: float | None,
+        headers: HeadersArg | None,
+        *,
+        transactional_id: str | None = None,
+    ) -> Awaitable[RecordMetadata]:
+        rdkafka = self._rdkafka
+        if transactional_id or rdkafka is None:
+            return await super().send(
+                topic, key, value, partition, timestamp, headers, transactional_id=transactional_id
+            )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[RecordMetadata] = loop.create_future()
+
+        def delivered(err: confluent_kafka.KafkaError | None, msg: confluent_kafka.Message) -> None:
+            loop.call_soon_threadsafe(self._settle, future, err, msg)
+
+        extra: dict[str, Any] = {}
+        if partition is not None:
+            extra["partition"] = partition
+        if timestamp:
+            extra["timestamp"] = int(timestamp * 1000.0)
+        if headers:
+            extra["headers"] = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
+        while True:
+            try:
+                rdkafka.produce(topic, value=value, key=key, on_delivery=delivered, **extra)
+                break
+            except BufferError:  # librdkafka's queue is full: let deliveries drain it, then go on
+                await asyncio.sleep(POLL_SECONDS)
+        self._in_flight += 1
+        self._all_delivered.clear()
+        return future
+
+    def _settle(
+        self, future: asyncio.Future[RecordMetadata], err: confluent_kafka.KafkaError | None, msg: Any
+    ) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._all_delivered.set()
+        if future.done():
+            return
+        if err is not None:
+            failure = ProduceFailed(f"Kafka did not accept a record for {msg.topic()}: {err.str()}")
+            self._failure = self._failure or failure
+            future.set_exception(failure)
+            return
+        tp = TP(msg.topic(), msg.partition())
+        future.set_result(RecordMetadata(tp.topic, tp.partition, tp, msg.offset(), timestamp=msg.timestamp()[1]))
+
+    async def send_and_wait(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp: float | None,
+        headers: HeadersArg | None,
+        *,
+        transactional_id: str | None = None,
+    ) -> RecordMetadata:
+        future = await self.send(
+            topic, key, value, partition, timestamp, headers, transactional_id=transactional_id
+        )
+        return await future
+
+    async def flush(self) -> None:
+        """Faust flushes before it commits offsets: wait until Kafka confirmed every record sent so far."""
+        await super().flush()
+        await self._all_delivered.wait()
+        if self._failure is not None:
+            # Committing now would skip the event whose output was lost: stop, and let the restarted
+            # worker process it again from the last committed offset.
+            raise self._failure
+
+
+class Transport(faust_aiokafka.Transport):
+    Producer: ClassVar[type[ProducerT]] = Producer
