@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -181,12 +180,9 @@ def worker(
 
     Start more workers (with their own PIECEFLOW_WEB_PORT) to share the partitions.
     """
-    import logging
+    from streams.faust_config import prepare_worker_process, run_worker
 
-    import mode.loop
-
-    # uvloop takes a good share of the event loop's overhead off every message.
-    mode.loop.use("uvloop")
+    prepare_worker_process()
     from streams import topology
 
     settings = get_settings()
@@ -203,13 +199,7 @@ def worker(
         f"metrics at http://{settings.host}:{settings.web_port}/metrics",
         err=True,
     )
-    Path(topology.app.conf.datadir).parent.mkdir(parents=True, exist_ok=True)
-    # Both libraries build debug records on every send unless their loggers are above DEBUG; httpx logs
-    # one INFO line per registry lookup, which drowns the worker's own lines.
-    for noisy in ("aiokafka", "faust.topics", "faust.transport", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    sys.argv = ["pieceflow worker", "worker", "--loglevel", loglevel, "--web-port", str(settings.web_port)]
-    topology.app.main()
+    run_worker(topology.app, "pieceflow worker", loglevel, settings.web_port)
 
 
 # ---- stations -----------------------------------------------------------------------------------

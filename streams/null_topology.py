@@ -19,12 +19,11 @@ Run it with ``python -m streams.null_topology`` (with ``PIECEFLOW_APP_ID`` etc. 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import faust
 
-from streams.faust_config import new_app
+from streams.faust_config import new_app, prepare_worker_process, run_worker
 from streams.settings import get_settings
 from streams.topics import TopicSpec
 
@@ -66,9 +65,9 @@ def topic_specs() -> list[TopicSpec]:
 
 
 def main(loglevel: str = "warn") -> None:
-    Path(app.conf.datadir).parent.mkdir(parents=True, exist_ok=True)
-    sys.argv = ["pieceflow null-worker", "worker", "--loglevel", loglevel, "--web-port", str(settings.web_port)]
-    app.main()
+    # The same process set-up as the pipeline's worker: the baseline must not pay for a slower loop.
+    prepare_worker_process()
+    run_worker(app, "pieceflow null-worker", loglevel, settings.web_port)
 
 
 if __name__ == "__main__":
