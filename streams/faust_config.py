@@ -19,9 +19,9 @@ def prepare_worker_process() -> None:
     # uvloop takes a good share of the event loop's overhead off every message.
     mode.loop.use("uvloop")
     # Both Kafka libraries build debug records on every fetch and send unless their loggers are above
-    # DEBUG (a fifth of a pass-through worker's CPU); httpx logs one INFO line per registry lookup,
-    # which drowns the worker's own lines.
-    for noisy in ("aiokafka", "faust.topics", "faust.transport", "httpx"):
+    # DEBUG (a fifth of a pass-through worker's CPU); the registry client's HTTP library logs one INFO
+    # line per lookup, which drowns the worker's own lines (httpx2 is what confluent-kafka 2.16 uses).
+    for noisy in ("aiokafka", "faust.topics", "faust.transport", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

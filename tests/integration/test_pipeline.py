@@ -233,10 +233,15 @@ def test_worker_log_shows_no_unhandled_errors(worker: WorkerProcess) -> None:
 
 def test_a_hung_registry_delays_an_order_but_never_dead_letters_it(
     worker: WorkerProcess, collector: Collector, catalog: Catalog, pipeline_settings: Settings,
-    registry: AvroRegistry, stack: LocalStack,
+    registry: AvroRegistry, stack: LocalStack, producer: OrderProducer,
 ) -> None:
     """The registry is frozen (SIGSTOP, like a hung JVM) while the worker meets a schema id it has not
     read before: the worker waits and retries, then accepts the order once the registry answers."""
+    # First a worker that is up and has read today's schemas: one ordinary order all the way to accepted.
+    warm = build_order(catalog, [("spring-rolls", 1, [])], external_id=unique("warm"))
+    place(producer, warm)
+    wait_for(worker, "an ordinary order accepted before the outage",
+             lambda: collector.for_orders({str(warm["order_id"])}, "OrderAccepted"))
     # A writer schema the worker has never fetched: today's OrderPlaced plus one optional field.
     probe = load_schema("OrderPlaced")
     probe["fields"] = [*probe["fields"], {"name": "outage_probe", "type": ["null", "string"], "default": None,
@@ -250,6 +255,7 @@ def test_a_hung_registry_delays_an_order_but_never_dead_letters_it(
     oid = str(order["order_id"])
     retries = {"stage": "validation"}
     before = metric(WORKER_PORT, "pieceflow_registry_retries_total", retries) or 0.0
+    received = metric(WORKER_PORT, "pieceflow_stage_events_in_total", retries) or 0.0
     pid = stack.pid("registry")
     assert pid is not None, "the registry of the local stack is not running"
     os.kill(pid, signal.SIGSTOP)
@@ -257,8 +263,15 @@ def test_a_hung_registry_delays_an_order_but_never_dead_letters_it(
         raw = Producer({"bootstrap.servers": pipeline_settings.kafka_bootstrap, "partitioner": "murmur2_random"})
         raw.produce(ORDERS_INBOUND.name, key=oid.encode(), value=body.getvalue())
         assert raw.flush(10) == 0
+        # The record reaches the agent at once: Faust's decoding on the event loop does not wait for the
+        # registry (that would stall every partition of the worker), the agent's lookup in a thread does.
+        wait_for(worker, "the record reaching the validation agent while the registry is frozen",
+                 lambda: (metric(WORKER_PORT, "pieceflow_stage_events_in_total", retries) or 0.0) > received,
+                 bound=20)
+        # One lookup against the frozen registry takes about 46 s (the client's own 4 attempts of 10 s).
         wait_for(worker, "the worker retrying against the frozen registry",
-                 lambda: (metric(WORKER_PORT, "pieceflow_registry_retries_total", retries) or 0.0) > before)
+                 lambda: (metric(WORKER_PORT, "pieceflow_registry_retries_total", retries) or 0.0) > before,
+                 bound=150)
         assert not collector.for_orders({oid}, "OrderAccepted")
     finally:
         os.kill(pid, signal.SIGCONT)

@@ -10,7 +10,7 @@ import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-from streams.codec import AvroCodec, AvroRegistry, Decoded, DecodeError, Undecodable
+from streams.codec import AvroCodec, AvroRegistry, Decoded, DecodeError, RegistryUnavailable, Undecodable
 from streams.events import Event
 
 
@@ -81,8 +81,23 @@ def test_faust_codec_never_raises_on_receive(registry: AvroRegistry) -> None:
     codec = AvroCodec(registry, "orders.decisions.v1")
     assert isinstance(codec.loads(b"\x07garbage"), Undecodable)
     event = rejected()
-    assert codec.loads(codec.dumps(event)) == Decoded(event.type, event.value)
+    first = codec.loads(codec.dumps(event))
+    assert isinstance(first, Undecodable) and first.retry is not None  # fetched by the agent, in a thread
+    assert first.retry() == Decoded(event.type, event.value)
     assert codec.dumps(b"raw bytes") == b"raw bytes"  # dead letters keep the original bytes
+
+
+def test_the_first_record_of_a_schema_id_is_fetched_off_the_event_loop(registry: AvroRegistry) -> None:
+    data = AvroCodec(registry, "orders.decisions.v1").dumps(rejected())
+    counting = FlakyRegistryClient(registry.client, [])
+    reading = AvroCodec(AvroRegistry(cast(SchemaRegistryClient, counting)), "orders.decisions.v1")
+    first = reading.loads(data)
+    assert isinstance(first, Undecodable) and first.retry is not None
+    assert "not fetched yet" in first.error
+    assert counting.calls == 0  # Faust's loads made no registry request
+    assert first.retry() == Decoded("OrderRejected", rejected().value)
+    assert reading.loads(data) == Decoded("OrderRejected", rejected().value)  # cached from now on
+    assert counting.calls == 1
 
 
 class FlakyRegistryClient:
@@ -106,7 +121,8 @@ def test_an_unanswered_schema_lookup_is_retryable_not_bad_input(registry: AvroRe
     reading = AvroCodec(AvroRegistry(cast(SchemaRegistryClient, flaky)), "orders.decisions.v1")
     value = reading.loads(data)
     assert isinstance(value, Undecodable) and value.retry is not None
-    assert "did not answer" in value.error
+    with pytest.raises(RegistryUnavailable, match="did not answer"):
+        value.retry()
     assert value.retry() == Decoded("OrderRejected", rejected().value)  # the registry is back
 
 
@@ -114,6 +130,10 @@ def test_an_unknown_schema_id_is_refused_and_not_asked_for_again(registry: AvroR
     data = AvroCodec(registry, "orders.decisions.v1").dumps(rejected())
     flaky = FlakyRegistryClient(registry.client, [SchemaRegistryError(404, 40403, "Schema not found")])
     reading = AvroCodec(AvroRegistry(cast(SchemaRegistryClient, flaky)), "orders.decisions.v1")
+    first = reading.loads(data)
+    assert isinstance(first, Undecodable) and first.retry is not None
+    with pytest.raises(DecodeError, match="is not in the registry: Schema not found"):
+        first.retry()
     for _ in range(3):
         value = reading.loads(data)
         assert isinstance(value, Undecodable) and value.retry is None
@@ -126,3 +146,5 @@ def test_a_registry_error_other_than_not_found_is_retryable(registry: AvroRegist
     flaky = FlakyRegistryClient(registry.client, [SchemaRegistryError(503, 50301, "unavailable")])
     value = AvroCodec(AvroRegistry(cast(SchemaRegistryClient, flaky)), "orders.decisions.v1").loads(data)
     assert isinstance(value, Undecodable) and value.retry is not None
+    with pytest.raises(RegistryUnavailable, match="failed to return"):
+        value.retry()
