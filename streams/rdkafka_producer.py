@@ -33,16 +33,13 @@ class ProduceFailed(RuntimeError):
 class Producer(faust_aiokafka.Producer):
     _rdkafka: confluent_kafka.Producer | None = None
     _polling: threading.Thread | None = None
-    _in_flight: int = 0
-    _all_delivered: asyncio.Event
+    _in_flight: set[asyncio.Future[RecordMetadata]]
     _stopping: threading.Event
     _failure: ProduceFailed | None = None
 
     async def on_start(self) -> None:
         await super().on_start()
-        self._all_delivered = asyncio.Event()
-        self._all_delivered.set()
-        self._in_flight = 0
+        self._in_flight = set()
         servers = ",".join(faust_aiokafka.server_list(self.transport.url, faust_aiokafka.Transport.default_port))
         self._rdkafka = confluent_kafka.Producer(
             {
@@ -65,7 +62,7 @@ class Producer(faust_aiokafka.Producer):
     async def on_stop(self) -> None:
         if self._rdkafka is not None:
             # A failure was raised by the flush before the last commit; stopping only waits for the rest.
-            await self._all_delivered.wait()
+            await self._delivered(list(self._in_flight))
             self._stopping.set()
             if self._polling is not None:
                 await asyncio.to_thread(self._polling.join)
@@ -107,16 +104,13 @@ class Producer(faust_aiokafka.Producer):
                 break
             except BufferError:  # librdkafka's queue is full: let deliveries drain it, then go on
                 await asyncio.sleep(POLL_SECONDS)
-        self._in_flight += 1
-        self._all_delivered.clear()
+        self._in_flight.add(future)
         return future
 
     def _settle(
         self, future: asyncio.Future[RecordMetadata], err: confluent_kafka.KafkaError | None, msg: Any
     ) -> None:
-        self._in_flight -= 1
-        if self._in_flight == 0:
-            self._all_delivered.set()
+        self._in_flight.discard(future)
         if future.done():
             return
         if err is not None:
@@ -146,11 +140,19 @@ class Producer(faust_aiokafka.Producer):
     async def flush(self) -> None:
         """Faust flushes before it commits offsets: wait until Kafka confirmed every record sent so far."""
         await super().flush()
-        await self._all_delivered.wait()
+        # Only what was sent before this call: the agents keep sending meanwhile, and waiting for a moment
+        # with nothing in flight could hold the commit back for as long as the load lasts.
+        await self._delivered(list(self._in_flight))
         if self._failure is not None:
             # Committing now would skip the event whose output was lost: stop, and let the restarted
             # worker process it again from the last committed offset.
             raise self._failure
+
+
+    @staticmethod
+    async def _delivered(futures: list[asyncio.Future[RecordMetadata]]) -> None:
+        if futures:
+            await asyncio.wait(futures)
 
 
 class Transport(faust_aiokafka.Transport):
