@@ -121,22 +121,6 @@ class Producer(faust_aiokafka.Producer):
         tp = TP(msg.topic(), msg.partition())
         future.set_result(RecordMetadata(tp.topic, tp.partition, tp, msg.offset(), timestamp=msg.timestamp()[1]))
 
-    async def send_and_wait(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        partition: int | None,
-        timestamp: float | None,
-        headers: HeadersArg | None,
-        *,
-        transactional_id: str | None = None,
-    ) -> RecordMetadata:
-        future = await self.send(
-            topic, key, value, partition, timestamp, headers, transactional_id=transactional_id
-        )
-        return await future
-
     async def flush(self) -> None:
         """Faust flushes before it commits offsets: wait until Kafka confirmed every record sent so far."""
         await super().flush()
@@ -147,7 +131,6 @@ class Producer(faust_aiokafka.Producer):
             # Committing now would skip the event whose output was lost: stop, and let the restarted
             # worker process it again from the last committed offset.
             raise self._failure
-
 
     @staticmethod
     async def _delivered(futures: list[asyncio.Future[RecordMetadata]]) -> None:
