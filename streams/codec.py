@@ -124,21 +124,27 @@ class AvroRegistry:
                 self._readers[schema_id] = _Reader(name, writer, reader)
             return self._readers[schema_id]
 
-    def answers_locally(self, data: bytes) -> bool:
-        """True when decoding ``data`` needs no registry request: its schema id is cached (as known or as
-        missing), or the bytes are refused before any lookup."""
+    def unfetched_schema_id(self, data: bytes) -> int | None:
+        """The schema id of ``data`` when decoding it needs a registry request, else None: its id is
+        cached (as known or as missing), or the bytes are refused before any lookup."""
         if len(data) < _HEADER.size:
-            return True
+            return None
         magic, schema_id = _HEADER.unpack_from(data)
-        if magic != MAGIC or schema_id in self._readers:
-            return True
-        missing = self._missing.get(schema_id)
-        return missing is not None and time.monotonic() - missing[0] < MISSING_ID_SECONDS
+        if magic != MAGIC or schema_id in self._readers or self._known_missing(schema_id) is not None:
+            return None
+        return schema_id
 
-    def _fetch(self, schema_id: int) -> Schema:
+    def _known_missing(self, schema_id: int) -> str | None:
+        """What the registry said when it last reported ``schema_id`` missing, within the last minute."""
         missing = self._missing.get(schema_id)
         if missing is not None and time.monotonic() - missing[0] < MISSING_ID_SECONDS:
-            raise DecodeError(f"schema id {schema_id} is not in the registry: {missing[1]}")
+            return missing[1]
+        return None
+
+    def _fetch(self, schema_id: int) -> Schema:
+        said = self._known_missing(schema_id)
+        if said is not None:
+            raise DecodeError(f"schema id {schema_id} is not in the registry: {said}")
         try:
             return self.client.get_schema(schema_id)
         except SchemaRegistryError as exc:
@@ -203,10 +209,10 @@ class AvroCodec(faust.Codec):
 
     def _loads(self, s: bytes) -> Decoded | Undecodable:
         data = bytes(s)
-        if not self.registry.answers_locally(data):
+        schema_id = self.registry.unfetched_schema_id(data)
+        if schema_id is not None:
             # Faust decodes on the event loop: a registry that hangs would stall every partition of the
             # worker (measured: 46 s per lookup against a frozen registry). The agent fetches in a thread.
-            schema_id = _HEADER.unpack_from(data)[1]
             retry = partial(self.registry.decode, data)
             return Undecodable(data, f"schema id {schema_id} not fetched yet", retry=retry)
         try:
