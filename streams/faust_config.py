@@ -5,13 +5,20 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import faust
 import mode.loop
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types.transports import ConsumerT, ProducerT
 
-from streams import rdkafka_producer
+from streams import aiokafka_consumer, rdkafka_producer
 from streams.settings import Settings
+
+
+class Transport(faust_aiokafka.Transport):
+    Consumer: ClassVar[type[ConsumerT]] = aiokafka_consumer.Consumer
+    Producer: ClassVar[type[ProducerT]] = rdkafka_producer.Producer
 
 
 def prepare_worker_process() -> None:
@@ -33,9 +40,9 @@ def run_worker(app: faust.App, command: str, loglevel: str, web_port: int) -> No
 
 
 def new_app(settings: Settings) -> faust.App:
-    """A Faust app that consumes through aiokafka and produces through librdkafka."""
+    """A Faust app that consumes through aiokafka (seek-safe batches) and produces through librdkafka."""
     app = faust.App(settings.app_id, **faust_settings(settings))
-    app.transport = rdkafka_producer.Transport(app.conf.broker_consumer, app)
+    app.transport = Transport(app.conf.broker_consumer, app)
     return app
 
 

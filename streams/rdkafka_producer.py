@@ -4,8 +4,9 @@ aiokafka builds every produce request and parses every response in Python, on th
 at a batch size of one that is one request per event. librdkafka does the same work in C, on its own
 threads, so an agent's send costs a hand-over and the delivery report comes back as a future.
 Everything else (consumer, group membership, topic creation, transactions) stays on Faust's aiokafka
-transport. faust-streaming ships a confluent driver, but it swaps key and value, drops headers,
-partitions by Python's randomised ``hash`` and resolves futures from a foreign thread.
+transport (``faust_config.Transport`` puts the two together). faust-streaming ships a confluent driver,
+but it swaps key and value, drops headers, partitions by Python's randomised ``hash`` and resolves
+futures from a foreign thread.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import confluent_kafka
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import HeadersArg
-from faust.types.transports import ProducerT
 from faust.types.tuples import TP, RecordMetadata
 
 from connectors.storefront import PRODUCER_DEFAULTS
@@ -137,6 +137,3 @@ class Producer(faust_aiokafka.Producer):
         if futures:
             await asyncio.wait(futures)
 
-
-class Transport(faust_aiokafka.Transport):
-    Producer: ClassVar[type[ProducerT]] = Producer
