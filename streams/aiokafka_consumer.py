@@ -69,13 +69,10 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         for tp in consumer.assignment():
             offset = await consumer.committed(tp)
             committed[tp] = offset
-            # No await from here to the next partition: a fetch on this thread sees the new position
-            # only together with the read offset and the move count that belong to it.
             if offset and offset > 0:
-                consumer.seek(tp, offset)
-                self.moves[tp] += 1
-                self.moved_to[tp] = offset
-            read_offset[ensure_TP(tp)] = offset if offset is not None and offset >= 0 else None
+                self._move(consumer, tp, offset)
+            else:
+                read_offset[ensure_TP(tp)] = offset if offset is not None and offset >= 0 else None
         return committed
 
     async def rewind(self, offsets: Mapping[TP, int]) -> None:
@@ -86,10 +83,15 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         assigned = consumer.assignment()
         for tp, offset in offsets.items():
             if tp in assigned:
-                consumer.seek(tp, offset)
-                self.moves[tp] += 1
-                self.moved_to[tp] = offset
-                self.consumer._read_offset[ensure_TP(tp)] = offset or None
+                self._move(consumer, tp, offset)
+
+    def _move(self, consumer: aiokafka.AIOKafkaConsumer, tp: TP, offset: int) -> None:
+        # Synchronous on purpose: a fetch on this thread sees the new position only together with the
+        # read offset and the move count that belong to it.
+        consumer.seek(tp, offset)
+        self.moves[tp] += 1
+        self.moved_to[tp] = offset
+        self.consumer._read_offset[ensure_TP(tp)] = offset or None
 
     async def _fetch_records(
         self,
