@@ -26,12 +26,20 @@ committed offset, below every record not yet delivered. When a seek lands while 
 handed to its agent, Faust then sets the read offset to that record's offset; the worker puts the
 seek's back. And a batch that arrives after the flow stopped moves each of its partitions back to
 its first record before Faust drops it.
+
+Records handed to the agents before a seek can still sit in their buffers when it lands, and the seek
+puts them back to be read again. Faust meant to throw them away by emptying every buffer when table
+recovery resumes flow control after its seek; that also threw away records delivered after the seek,
+which nothing reads again (``streams.flow_control`` stops it). Instead each seek takes out of the
+buffers exactly the records of the partitions it moved that were fetched before it and that it puts
+back; an agent would otherwise process them twice, the first time ahead of the records before them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
+import weakref
+from collections import Counter, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, cast
 
@@ -108,6 +116,11 @@ class Consumer(faust_aiokafka.Consumer):
     _thread: ConsumerThread
     _batch_moves: Mapping[TP, int] | None = None
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # How often its partition had been moved when each message still alive was fetched.
+        self._fetched_at: weakref.WeakKeyDictionary[Message, int] = weakref.WeakKeyDictionary()
+
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
@@ -116,6 +129,38 @@ class Consumer(faust_aiokafka.Consumer):
         self._committed_offset.update(
             {ensure_TP(tp): offset or None for tp, offset in committed.items() if offset is not None}
         )
+        self._drop_read_again()
+
+    def _moved_since_fetch(self, tp: TP, fetched_at: int | None) -> bool:
+        return fetched_at is not None and fetched_at != self._thread.moves[tp]
+
+    def _drop_read_again(self) -> None:
+        """Take out of the agents' buffers every record that a move since its fetch puts back to be read.
+
+        Left there, an agent would process it twice, the first time ahead of the records before it.
+        Records below the new position stay: nothing reads them again.
+        """
+
+        def read_again(item: Any) -> bool:
+            message = getattr(item, "message", None)
+            if message is None:
+                return False
+            tp = message.tp
+            return self._moved_since_fetch(tp, self._fetched_at.get(message)) and (
+                message.offset >= self._thread.moved_to[tp]
+            )
+
+        dropped = 0
+        for queue in list(self.app.flow_control._queues):
+            # The deque behind asyncio.Queue, which mode's own clear() empties the same way.
+            buffered: deque[Any] = queue._queue  # type: ignore[attr-defined]
+            kept = [item for item in buffered if not read_again(item)]
+            if len(kept) < len(buffered):
+                dropped += len(buffered) - len(kept)
+                buffered.clear()
+                buffered.extend(kept)
+        if dropped:
+            self.log.info("Took %d records out of the agents' buffers; a seek reads them again", dropped)
 
     async def _wait_next_records(self, timeout: float) -> tuple[Any, Any]:
         records, active_partitions = await super()._wait_next_records(timeout)
@@ -135,12 +180,15 @@ class Consumer(faust_aiokafka.Consumer):
         async with contextlib.aclosing(fetched) as batch:
             async for tp, message in batch:
                 fetched_at = self._batch_moves[tp] if self._batch_moves is not None else None
-                if fetched_at is not None and fetched_at != self._thread.moves[tp]:
+                if self._moved_since_fetch(tp, fetched_at):
                     held_back += 1
                     continue
+                if fetched_at is not None:
+                    self._fetched_at[message] = fetched_at
                 yield tp, message
                 # Faust has now handed the message over and set the read offset to its offset.
-                if fetched_at is not None and fetched_at != self._thread.moves[tp]:
+                if self._moved_since_fetch(tp, fetched_at):
                     self._read_offset[ensure_TP(tp)] = self._thread.moved_to[tp]
+                    self._drop_read_again()
         if held_back:
             self.log.info("Held back %d records fetched before a seek; they are read again", held_back)

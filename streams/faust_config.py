@@ -11,14 +11,23 @@ import faust
 import mode.loop
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types.transports import ConsumerT, ProducerT
+from mode.utils.objects import cached_property
+from mode.utils.queues import FlowControlEvent
 
 from streams import aiokafka_consumer, rdkafka_producer
+from streams.flow_control import FlowControl
 from streams.settings import Settings
 
 
 class Transport(faust_aiokafka.Transport):
     Consumer: ClassVar[type[ConsumerT]] = aiokafka_consumer.Consumer
     Producer: ClassVar[type[ProducerT]] = rdkafka_producer.Producer
+
+
+class App(faust.App):
+    @cached_property
+    def flow_control(self) -> FlowControlEvent:
+        return FlowControl(loop=self.loop)
 
 
 def prepare_worker_process() -> None:
@@ -40,8 +49,9 @@ def run_worker(app: faust.App, command: str, loglevel: str, web_port: int) -> No
 
 
 def new_app(settings: Settings) -> faust.App:
-    """A Faust app that consumes through aiokafka (seek-safe batches) and produces through librdkafka."""
-    app = faust.App(settings.app_id, **faust_settings(settings))
+    """A Faust app that consumes through aiokafka (seek-safe batches), produces through librdkafka, and
+    keeps its agents' buffers when flow control resumes while records flow."""
+    app = App(settings.app_id, **faust_settings(settings))
     app.transport = Transport(app.conf.broker_consumer, app)
     return app
 

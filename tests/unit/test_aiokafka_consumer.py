@@ -4,7 +4,8 @@ Faust's own code runs (``Consumer.getmany``, which turns records into messages, 
 consumer thread object); only aiokafka is replaced, by a fake holding two partitions: a stream
 partition with a committed offset, and a changelog partition without one, whose position a seek
 leaves alone, as aiokafka does. The consumer thread's hop between event loops is skipped: both
-sides run on the test's loop.
+sides run on the test's loop. Each delivered message goes into an agent's buffer, a queue under the
+app's flow control, as Faust's conductor puts it there.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from aiokafka.structs import ConsumerRecord, TopicPartition
-from faust.types import TP
+from faust.types import TP, Message
+from mode.utils.queues import FlowControlQueue
 
 from streams.aiokafka_consumer import Batch, Consumer
 from streams.faust_config import new_app
@@ -69,11 +72,18 @@ def record(tp: TopicPartition, offset: int) -> ConsumerRecord[bytes, bytes]:
     return ConsumerRecord(tp.topic, tp.partition, offset, 0, 0, b"k", b"v", None, 1, 1, [])
 
 
+@dataclass
+class Buffered:
+    message: Message
+
+
 @pytest.fixture
 def consumer(settings: Settings) -> Iterator[tuple[Consumer, FakeAiokafka]]:
     app = new_app(settings.model_copy(update={"app_id": "unit-consumer", "kafka_bootstrap": "127.0.0.1:1"}))
     consumer = app.consumer
     assert isinstance(consumer, Consumer)
+    consumer.agent_buffer = app.FlowControlQueue(maxsize=100, clear_on_resume=True)  # type: ignore[attr-defined]
+    app.flow_control.resume()
     fake = FakeAiokafka({STREAM: 5, CHANGELOG: None})
     thread = consumer._thread
     thread._consumer = fake
@@ -88,14 +98,32 @@ def consumer(settings: Settings) -> Iterator[tuple[Consumer, FakeAiokafka]]:
     yield consumer, fake
 
 
+def part(tp: Any) -> str:
+    return "changelog" if tp == CHANGELOG else "stream"
+
+
 async def delivered(consumer: Consumer, seek_after: int | None = None) -> list[tuple[str, int]]:
-    """(partition, offset) of the messages one ``getmany`` delivers; seek after the stream's ``seek_after``."""
+    """(partition, offset) of the messages one ``getmany`` delivers, each put in the agent's buffer.
+
+    With ``seek_after``, the seek lands while the stream's record at that offset is being handed over,
+    before it reaches the buffer.
+    """
     got = []
     async for tp, message in consumer.getmany(timeout=0):
-        got.append(("changelog" if tp == CHANGELOG else "stream", message.offset))
+        got.append((part(tp), message.offset))
         if tp == STREAM and message.offset == seek_after:
             await consumer.perform_seek()
+        agent_buffer(consumer).put_nowait(Buffered(message))
     return got
+
+
+def agent_buffer(consumer: Consumer) -> FlowControlQueue[Buffered]:
+    return consumer.agent_buffer  # type: ignore[attr-defined,no-any-return]
+
+
+def buffered(consumer: Consumer, partition: str) -> list[int]:
+    return [item.message.offset for item in agent_buffer(consumer)._queue  # type: ignore[attr-defined]
+            if part(item.message.tp) == partition]
 
 
 def test_the_seek_moves_a_partition_and_its_read_offset_together(consumer: tuple[Consumer, FakeAiokafka]) -> None:
@@ -136,6 +164,27 @@ def test_records_fetched_before_a_seek_are_read_again_not_delivered_after_it(
     changelog = [offset for part, offset in during + after if part == "changelog"]
     assert changelog == list(range(6))
     assert fake.position[STREAM] == 8
+    # Offset 5 reached the agent's buffer after the seek had put it back to be read again: it was taken
+    # out, so the agent gets it once, in order.
+    assert buffered(c, "stream") == [5, 6, 7]
+
+
+def test_records_buffered_before_a_seek_are_taken_out_and_read_again_once(
+    consumer: tuple[Consumer, FakeAiokafka],
+) -> None:
+    c, fake = consumer
+
+    async def scenario() -> None:
+        await delivered(c)  # stream 5-7 and changelog 0-2 wait in the agent's buffer
+        fake.position[STREAM] = 11  # and more was fetched, beyond what was delivered
+        await c.perform_seek()
+        await delivered(c)
+
+    asyncio.run(scenario())
+    # Kept, the agent would have processed 5-7, then 5-7 again after them.
+    assert buffered(c, "stream") == [5, 6, 7]
+    # The changelog did not move: its records stay, and go on from where it was.
+    assert buffered(c, "changelog") == [0, 1, 2, 3, 4, 5]
 
 
 def test_a_batch_dropped_because_the_flow_stopped_is_read_again_from_its_first_record(
