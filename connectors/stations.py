@@ -19,11 +19,11 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer
 
-from connectors.storefront import PRODUCER_DEFAULTS
 from streams import metrics
 from streams.catalog import Catalog
 from streams.codec import AvroRegistry, DecodeError
 from streams.events import epoch_ms, new_event_id, utc_now
+from streams.producer_config import PRODUCER_DEFAULTS
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -61,10 +61,11 @@ from confluent_kafka.admin import AdminClient, NewPartitions
 from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
 from connectors.shopfront import random_order
-from connectors.storefront import PRODUCER_DEFAULTS, cloudevent_headers
+from connectors.storefront import cloudevent_headers
 from streams.catalog import Catalog, load_catalog_yaml
 from streams.codec import AvroRegistry
 from streams.events import Event
+from streams.producer_config import PRODUCER_DEFAULTS
 from streams.readback import assign_at_end
 from streams.resources import resource_dir
 from streams.settings import Settings

@@ -21,7 +21,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import HeadersArg
 from faust.types.tuples import TP, RecordMetadata
 
-from connectors.storefront import PRODUCER_DEFAULTS
+from streams.producer_config import PRODUCER_DEFAULTS
 
 POLL_SECONDS = 0.1
 

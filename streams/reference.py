@@ -8,10 +8,10 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from connectors.storefront import PRODUCER_DEFAULTS
 from streams.catalog import Catalog, catalog_from_avro, catalog_to_avro
 from streams.codec import AvroRegistry, DecodeError
 from streams.events import utc_now
+from streams.producer_config import PRODUCER_DEFAULTS
 from streams.settings import Settings
 
 PRODUCTS_TOPIC = "catalog.products.v1"
