@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from streams.catalog import Catalog, catalog_from_avro, catalog_to_avro
-from streams.codec import AvroRegistry, DecodeError
+from streams.catalog import Catalog, CatalogError, catalog_from_avro, catalog_to_avro
+from streams.codec import AvroRegistry, DecodeError, RegistryUnavailable
 from streams.events import utc_now
 from streams.producer_config import PRODUCER_DEFAULTS
 from streams.settings import Settings
+
+log = logging.getLogger(__name__)
 
 PRODUCTS_TOPIC = "catalog.products.v1"
 STATIONS_TOPIC = "catalog.stations.v1"
@@ -40,6 +43,7 @@ class ReferenceData:
         self.settings = settings
         self.registry = registry
         self._consumer: Consumer | None = None
+        self._waiting: list[Any] = []  # records read but not applied: the registry did not answer for them
         self.products: dict[str, dict[str, Any]] = {}
         self.stations: dict[str, dict[str, Any]] = {}
         self.catalog: Catalog = catalog_from_avro("empty", [], [])
@@ -74,21 +78,42 @@ class ReferenceData:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"reading the catalog took over {timeout:.0f}s")
             msg = self.consumer.poll(0.2)
-            if msg is not None and self._apply(msg):
+            try:
+                applied = msg is not None and self._apply(msg)
+            except RegistryUnavailable as exc:
+                raise RuntimeError(f"reading the catalog needs the schema registry: {exc}; "
+                                   "check `pieceflow stack status`") from exc
+            if msg is not None and applied:
                 positions[(msg.topic() or "", msg.partition() or 0)] = (msg.offset() or 0) + 1
         self._rebuild()
         return self.catalog
 
     def refresh(self) -> bool:
-        """Apply whatever arrived since the last call, without waiting; True when the catalog changed."""
+        """Apply whatever arrived since the last call, without waiting; True when the catalog changed.
+
+        A record whose schema the registry did not return waits, with every record after it, for the
+        next call: skipping it would leave the catalog without that product or station for good.
+        """
         if self._consumer is None:
             return False
+        records = self._waiting or self.consumer.consume(num_messages=500, timeout=0)
+        self._waiting = []
         changed = False
-        for msg in self.consumer.consume(num_messages=500, timeout=0):
-            changed = self._apply(msg) or changed
-        if changed:
+        for i, msg in enumerate(records):
+            try:
+                changed = self._apply(msg) or changed
+            except RegistryUnavailable as exc:
+                log.warning("Reference data waits for the schema registry (%d records): %s", len(records) - i, exc)
+                self._waiting = records[i:]
+                break
+        if not changed:
+            return False
+        try:
             self._rebuild()
-        return changed
+        except CatalogError as exc:  # e.g. new products read before the stations that make them
+            log.warning("Reference data is not a complete catalog yet; the previous one stays: %s", exc)
+            return False
+        return True
 
     def _apply(self, msg: Any) -> bool:
         if msg.error() is not None:
@@ -102,8 +127,11 @@ class ReferenceData:
             return True
         try:
             target[key] = self.registry.decode(msg.value()).value
-        except DecodeError:
-            return True  # an unreadable reference record is skipped; the offset still advances
+        except RegistryUnavailable:
+            raise
+        except DecodeError as exc:  # not a record this code can read: the offset still advances
+            log.warning("Skipping unreadable reference record %s[%s]@%s: %s",
+                        msg.topic(), msg.partition(), msg.offset(), exc)
         return True
 
     def _rebuild(self) -> None:

@@ -18,6 +18,7 @@ order-keyed topics; station work is re-keyed by *lane* so one partition owns eve
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from functools import partial
 from typing import Any
@@ -136,7 +137,12 @@ async def stop_reading_changelogs(sender: Any, /, *args: Any, signal: Any, **kwa
 
 @app.timer(interval=1.0)
 async def refresh_reference_data() -> None:
-    reference.refresh()
+    # In a thread: a new schema id means a registry request, and a registry that hangs must not stall
+    # the worker's partitions.
+    try:
+        await asyncio.to_thread(reference.refresh)
+    except Exception:  # a failed refresh must not stop the worker: the stages go on with the last catalog
+        log.exception("catalog refresh failed; keeping the last catalog")
 
 
 @app.timer(interval=5.0)
