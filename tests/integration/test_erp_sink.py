@@ -24,7 +24,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -38,6 +38,7 @@ from psycopg import sql
 from connectors.erp.localdb import LocalPostgres
 from connectors.erp.rows import TOPICS, change_for
 from connectors.erp.sink import ErpSink
+from connectors.shopfront import Line
 from streams.catalog import Catalog, load_catalog_yaml
 from streams.codec import AvroRegistry, DecodeError
 from streams.settings import Settings
@@ -115,7 +116,9 @@ def scenario(catalog: Catalog, orders: int, *, rejected: int = 0, fail_first: bo
     t = T0
     order_ids: list[str] = []
     for i in range(orders + rejected):
-        lines = [("kung-pao-chicken", 1, []), ("egg-fried-rice", 2, [])] if i < orders else [("no-such-dish", 1, [])]
+        lines: list[Line] = (
+            [("kung-pao-chicken", 1, []), ("egg-fried-rice", 2, [])] if i < orders else [("no-such-dish", 1, [])]
+        )
         order = _order(catalog, lines, external_id=f"erp-{tag}-{i}", delivery=NORTH, at=t)
         order_ids.append(order["order_id"])
         pipe.send("OrderPlaced", order, t)
@@ -148,7 +151,9 @@ def scenario(catalog: Catalog, orders: int, *, rejected: int = 0, fail_first: bo
     return result
 
 
-def produce(settings: Settings, registry: AvroRegistry, events: list[Out], raw: list[tuple[str, bytes]] = ()) -> None:
+def produce(
+    settings: Settings, registry: AvroRegistry, events: list[Out], raw: Sequence[tuple[str, bytes]] = ()
+) -> None:
     """Write ``events`` (and ``raw`` undecodable values) with the pipeline's partitioner; wait for every ack."""
     producer = Producer(
         {
@@ -229,14 +234,14 @@ class Readback:
             for m in self.consumer.consume(500, 0.5):
                 if m.error() is not None:
                     continue
-                tp = (m.topic(), m.partition())
-                self.position[tp] = max(self.position[tp], m.offset() + 1)
+                topic, partition, offset = m.topic() or "", m.partition() or 0, m.offset() or 0
+                self.position[(topic, partition)] = max(self.position[(topic, partition)], offset + 1)
                 try:
-                    decoded = self.registry.decode(m.value())
+                    decoded = self.registry.decode(m.value() or b"")
                 except DecodeError:
                     continue
                 if decoded.value.get("order_id") in self.orders:
-                    self.records.append((m.topic(), m.partition(), m.offset(), decoded.type, decoded.value))
+                    self.records.append((topic, partition, offset, decoded.type, decoded.value))
 
     def event_ids(self) -> set[str]:
         return {r[4]["event_id"] for r in self.records}
@@ -459,7 +464,7 @@ def test_pipeline_events_become_erp_rows_and_a_full_replay_changes_nothing(run: 
             "SELECT decision, state, total, items_done FROM orders WHERE order_id = %s", (redone,)
         ).fetchone() or (None, None, None, None)
         assert (decision, state, total, items_done) == ("ACCEPTED", "DISPATCHED", sent["OrderAccepted"]["total"], 3)
-        statuses = dict(conn.execute(
+        statuses: dict[str, int] = dict(conn.execute(
             "SELECT status, count(*) FROM operations WHERE order_id = %s GROUP BY status", (redone,)
         ).fetchall())  # fmt: skip
         planned = sum(len(e.value["operations"]) for e in plan.events[redone] if e.record == "WorkItemPlanned")

@@ -156,7 +156,7 @@ def test_signed_webhook_is_on_the_log_once(shared_settings: Settings, footwear: 
     assert decoded.value["order_id"] == order_id
     assert decoded.value["event_id"] == answers[0]["event_id"]
     assert [line["sku"] for line in decoded.value["lines"]] == ["custom-runner", "shoe-care-kit"]
-    headers = {k: v for k, v in msg.headers() or []}
+    headers = dict(msg.headers() or [])
     assert headers == {
         "ce_specversion": b"1.0",
         "ce_id": answers[0]["event_id"].encode(),

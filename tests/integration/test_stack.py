@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -70,13 +71,17 @@ def test_down_stops_every_jvm_it_started(fault_stack: LocalStack) -> None:
     stopped = _cli(fault_stack, "stack", "down")
     assert stopped.returncode == 0
     for pid in pids:
-        wait_until(lambda pid=pid: not Path(f"/proc/{pid}").exists() or _zombie(pid), 30, f"pid {pid} to exit")
+        wait_until(partial(_gone, pid), 30, f"pid {pid} to exit")
     assert all(not c.running for c in fault_stack.status())
     # Data is kept: the next `up` reuses the formatted storage.
     assert any((fault_stack.home / "kafka").rglob("meta.properties"))
     again = _cli(fault_stack, "stack", "up")
     assert again.returncode == 0, again.stderr
     assert "Stack is up" in again.stdout
+
+
+def _gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists() or _zombie(pid)
 
 
 def _zombie(pid: int) -> bool:
@@ -108,7 +113,9 @@ def test_a_three_node_cluster_keeps_writing_with_one_broker_down(
             meta = admin.list_topics(timeout=10)
             topic = meta.topics.get("replicated")
             ready = len(meta.brokers) == 3 and topic is not None and len(topic.partitions) == 3
-            return ready and all(len(p.replicas) == 3 and len(p.isrs) == 3 for p in topic.partitions.values())
+            return ready and topic is not None and all(
+                len(p.replicas) == 3 and len(p.isrs) == 3 for p in topic.partitions.values()
+            )
 
         wait_until(replicated, 30, "three partitions with three in-sync replicas each on three brokers")
         configs = admin.describe_configs([ConfigResource("topic", "replicated")])

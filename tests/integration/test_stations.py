@@ -162,7 +162,9 @@ def scenario(
         depth, station = max((len(pending_at(collector, ids, w)), w) for w in woks)
         return (depth, station) if depth >= 3 else None
 
-    _, station = wait("a wok with at least 3 queued, unstarted operations of ours", busiest)  # type: ignore[misc]
+    found = wait("a wok with at least 3 queued, unstarted operations of ours", busiest)
+    assert isinstance(found, tuple)
+    station: str = found[1]
     spec = catalog.stations[station]
     down = control.send(station, "DOWN", list(spec.capabilities), spec.capacity, "test: station status live")
     run = Scenario(station=station, down=down, orders=set(ids), seconds={"queues built": time.monotonic() - t0})
@@ -191,7 +193,7 @@ def run_down_and_up(
     caused = wait("the re-assignments the DOWN caused",
                   lambda: [r for r in collector.where(topic=STATIONS_QUEUE.name, key=station)
                            if r.value.get("causation_id") == down_id])
-    run.boundary = min(r.offset for r in caused)  # type: ignore[union-attr]
+    run.boundary = min(r.offset for r in caused)
 
     def pending_when_down() -> set[str]:
         before = [r for r in ours(collector, run.orders, "OperationAssigned", station_id=station)

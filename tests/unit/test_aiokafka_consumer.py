@@ -118,7 +118,7 @@ async def delivered(consumer: Consumer, seek_after: int | None = None) -> list[t
 
 
 def agent_buffer(consumer: Consumer) -> FlowControlQueue[Buffered]:
-    return consumer.agent_buffer  # type: ignore[attr-defined,no-any-return]
+    return consumer.agent_buffer  # type: ignore[attr-defined]
 
 
 def buffered(consumer: Consumer, partition: str) -> list[int]:

@@ -155,7 +155,7 @@ def test_alerts_cover_the_issue() -> None:
     for rule in alert_rules():
         promql_parser.walk(
             promql_parser.parse(rule["expr"]),
-            lambda node: used.add(node.name) if isinstance(node, promql_parser.VectorSelector) else None,
+            lambda node: used.add(node.name) if isinstance(node, promql_parser.VectorSelector) and node.name else None,
         )
     assert used >= REQUIRED_ALERT_METRICS
     overdue = next(r for r in alert_rules() if "pieceflow_orders_overdue" in r["expr"])
@@ -290,7 +290,7 @@ def compose_model() -> dict[str, Any]:
     assert re.search(r"version v?2\.", version), f"compose v2 expected, got {version}"
     # No PIECEFLOW_* or other secrets from the caller's environment leak into the rendered model.
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PIECEFLOW_", "POSTGRES_"))}
-    out = run([*command, "-f", str(COMPOSE_FILE), "config", "--format", "json"], env=env)
+    out = run([*command, "-f", str(COMPOSE_FILE), "--profile", "simulator", "config", "--format", "json"], env=env)
     return json.loads(out)
 
 
@@ -311,6 +311,7 @@ def test_compose_pieceflow_services(compose_model: dict[str, Any]) -> None:
         "worker": ["worker"],
         "intake": ["intake", "serve"],
         "sink": ["sink", "erp"],
+        "simulator": ["stations", "simulate"],
     }.items():
         service = services[name]
         assert service["command"] == command
@@ -324,6 +325,8 @@ def test_compose_pieceflow_services(compose_model: dict[str, Any]) -> None:
         services["intake"]["environment"]
     )
     assert services["sink"]["environment"]["PIECEFLOW_DATABASE_URL"].startswith("postgresql://")
+    # Only on request: next to a real MES a simulator would work the same station queues.
+    assert services["simulator"]["profiles"] == ["simulator"]
     assert (ROOT / "deploy/compose/Dockerfile").is_file()
 
 

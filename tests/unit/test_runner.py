@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -29,10 +30,12 @@ def event(value: object) -> faust.EventT:
     return cast(faust.EventT, SimpleNamespace(message=message, value=value))
 
 
-def flaky(failures: list[Exception], result: Decoded) -> Any:
+def flaky(failures: Sequence[Exception], result: Decoded) -> Any:
+    pending = list(failures)
+
     def retry() -> Decoded:
-        if failures:
-            raise failures.pop(0)
+        if pending:
+            raise pending.pop(0)
         return result
     return retry
 
