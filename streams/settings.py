@@ -70,6 +70,10 @@ class Settings(BaseSettings):
         default=None,
         description="WooCommerce webhook secret; unset, /webhooks/woocommerce answers 401 to everything.",
     )
+    intake_token: str | None = Field(
+        default=None,
+        description="Bearer token POST /orders requires; unset, /orders answers 401 to everything.",
+    )
     intake_port: int = Field(default=8090, description="Intake service HTTP port (webhooks, /metrics, /healthz).")
 
     @property

@@ -2,18 +2,18 @@
 
     POST /webhooks/shopify      X-Shopify-Hmac-Sha256, X-Shopify-Topic, X-Shopify-Event-Id / -Webhook-Id
     POST /webhooks/woocommerce  X-WC-Webhook-Signature, X-WC-Webhook-Topic, X-WC-Webhook-Delivery-ID
-    POST /orders                OrderPlaced JSON, or a CloudEvent in structured JSON mode
+    POST /orders                Authorization: Bearer; OrderPlaced JSON, or a CloudEvent in structured JSON mode
     GET  /metrics, /healthz
 
 Answers: 202 once Kafka confirmed the event (acks=all); 200 for a repeat of an accepted request
-(nothing produced); 401 bad, missing or unconfigured signature secret; 400 malformed JSON or a
+(nothing produced); 401 bad, missing or unconfigured signature secret or token; 400 malformed JSON or a
 missing required header; 422 a body that cannot be mapped, as ``{"error", "field"}``; 503 with
 Retry-After when Kafka did not confirm within the delivery bound. Nothing is produced on a 4xx, and no
 2xx is given for an event that is not on the log.
 
 A webhook endpoint whose secret is unset answers every request 401, naming the variable to set,
 instead of refusing to start: one storefront can be wired up before the other, and the service still
-never accepts an unsigned order.
+never accepts an unsigned order. ``/orders`` does the same without ``PIECEFLOW_INTAKE_TOKEN``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 from collections import OrderedDict
@@ -61,6 +62,7 @@ MAX_IN_FLIGHT = 32
 DEDUPE_CAPACITY = 100_000
 CATALOG_REFRESH_SECONDS = 5.0
 
+TOKEN_ENV = "PIECEFLOW_INTAKE_TOKEN"
 SOURCES = {"/webhooks/shopify": "shopify", "/webhooks/woocommerce": "woocommerce", "/orders": "generic"}
 
 
@@ -236,6 +238,9 @@ class Intake:
         return await self._webhook(request, WOOCOMMERCE, self.settings.woocommerce_secret)
 
     async def orders(self, request: web.Request) -> web.Response:
+        refused = self._unauthorized(request)
+        if refused is not None:
+            return refused
         body = await request.read()
         payload = parse_json(body)
         if isinstance(payload, web.Response):
@@ -245,6 +250,17 @@ class Intake:
         except MappingError as exc:
             return web.json_response(exc.to_json(), status=422)
         return await self._deliver(f"generic:{event.value['event_id']}", lambda: event)
+
+    def _unauthorized(self, request: web.Request) -> web.Response | None:
+        token = self.settings.intake_token
+        if not token:
+            return error(401, f"intake token not configured: set {TOKEN_ENV}", TOKEN_ENV)
+        given = request.headers.get("Authorization", "")
+        scheme, _, credentials = given.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token.encode()):
+            return None
+        return error(401, "bad token" if given else "missing token", "Authorization",
+                     **{"WWW-Authenticate": 'Bearer realm="pieceflow-intake"'})
 
     async def _webhook(self, request: web.Request, hook: Webhook, secret: str | None) -> web.Response:
         body = await request.read()
@@ -363,6 +379,8 @@ def build_app(settings: Settings, catalog_file: Path | None = None) -> web.Appli
     for hook, secret in ((SHOPIFY, settings.shopify_secret), (WOOCOMMERCE, settings.woocommerce_secret)):
         if not secret:
             log.warning("%s is not set: /webhooks/%s answers 401 to every request", hook.secret_env, hook.source)
+    if not settings.intake_token:
+        log.warning("%s is not set: /orders answers 401 to every request", TOKEN_ENV)
     app = intake.app()
 
     async def background(app: web.Application) -> AsyncIterator[None]:

@@ -321,7 +321,7 @@ def test_compose_pieceflow_services(compose_model: dict[str, Any]) -> None:
         assert env["PIECEFLOW_BOOTSTRAP_SERVERS"] == "kafka:19092"
         assert env["PIECEFLOW_REGISTRY_URL"].startswith("http://registry:8080/apis/ccompat/")
         assert service["depends_on"]["kafka"]["condition"] == "service_healthy"
-    assert {"PIECEFLOW_SHOPIFY_SECRET", "PIECEFLOW_WOOCOMMERCE_SECRET"} <= set(
+    assert {"PIECEFLOW_SHOPIFY_SECRET", "PIECEFLOW_WOOCOMMERCE_SECRET", "PIECEFLOW_INTAKE_TOKEN"} <= set(
         services["intake"]["environment"]
     )
     assert services["sink"]["environment"]["PIECEFLOW_DATABASE_URL"].startswith("postgresql://")
@@ -811,5 +811,6 @@ def test_config_map_matches_topics_and_secrets_template() -> None:
     assert set(secret["stringData"]) == {
         "PIECEFLOW_SHOPIFY_SECRET",
         "PIECEFLOW_WOOCOMMERCE_SECRET",
+        "PIECEFLOW_INTAKE_TOKEN",
         "PIECEFLOW_DATABASE_URL",
     }

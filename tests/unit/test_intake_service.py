@@ -26,6 +26,8 @@ from streams.settings import Settings
 PAYLOADS = Path(__file__).parent / "payloads"
 SHOPIFY_SECRET = "shopify-test-secret"
 WOO_SECRET = "woo-test-secret"
+TOKEN = "intake-test-token"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
 
 class FakePublisher:
@@ -47,7 +49,9 @@ class FakePublisher:
 
 def make_intake(catalog: Catalog, publisher: FakePublisher, **secrets: str | None) -> Intake:
     settings = Settings(
-        shopify_secret=secrets.get("shopify", SHOPIFY_SECRET), woocommerce_secret=secrets.get("woo", WOO_SECRET)
+        shopify_secret=secrets.get("shopify", SHOPIFY_SECRET),
+        woocommerce_secret=secrets.get("woo", WOO_SECRET),
+        intake_token=secrets.get("token", TOKEN),
     )
     return Intake(settings, publisher, lambda: catalog)
 
@@ -174,7 +178,7 @@ def test_malformed_json_400(footwear: Catalog) -> None:
         resp = await client.post("/webhooks/shopify", **shopify_request(b'{"id": 1, "line_items": [}'))
         assert resp.status == 400
         assert (await resp.json())["error"].startswith("malformed JSON")
-        resp = await client.post("/orders", data=b"\xff\xfe", headers={"Content-Type": "application/json"})
+        resp = await client.post("/orders", data=b"\xff\xfe", headers={"Content-Type": "application/json", **BEARER})
         assert resp.status == 400
 
     run(make_intake(footwear, publisher), scenario)
@@ -191,7 +195,7 @@ def test_unmappable_payload_422_with_the_field(footwear: Catalog) -> None:
         resp = await client.post("/webhooks/shopify", **shopify_request(body))
         assert resp.status == 422
         assert await resp.json() == {"error": "'a lot' is not a decimal amount", "field": "line_items[0].price"}
-        resp = await client.post("/orders", json={"source_platform": "pos"})
+        resp = await client.post("/orders", json={"source_platform": "pos"}, headers=BEARER)
         assert resp.status == 422
         assert await resp.json() == {"error": "is required", "field": "external_order_id"}
 
@@ -252,12 +256,13 @@ def test_generic_and_cloudevent_orders(restaurant: Catalog) -> None:
     cloudevent = (PAYLOADS / "cloudevent_order_amended.json").read_bytes()
 
     async def scenario(client: TestClient[Any, Any]) -> None:
-        resp = await client.post("/orders", data=order, headers={"Content-Type": "application/json"})
+        resp = await client.post("/orders", data=order, headers={"Content-Type": "application/json", **BEARER})
         assert resp.status == 202, await resp.text()
-        resp = await client.post("/orders", data=order, headers={"Content-Type": "application/json"})
+        resp = await client.post("/orders", data=order, headers={"Content-Type": "application/json", **BEARER})
         assert resp.status == 200  # same bytes, same event id
         resp = await client.post(
-            "/orders", data=cloudevent, headers={"Content-Type": "application/cloudevents+json; charset=utf-8"}
+            "/orders", data=cloudevent,
+            headers={"Content-Type": "application/cloudevents+json; charset=utf-8", **BEARER},
         )
         assert resp.status == 202, await resp.text()
 
@@ -273,3 +278,36 @@ def test_metrics_and_healthz(footwear: Catalog) -> None:
         assert "pieceflow_intake_requests_total" in await resp.text()
 
     run(make_intake(footwear, FakePublisher()), scenario)
+
+
+def test_orders_need_the_bearer_token(restaurant: Catalog) -> None:
+    publisher = FakePublisher()
+    order = (PAYLOADS / "generic_order.json").read_bytes()
+    json_body = {"Content-Type": "application/json"}
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        resp = await client.post("/orders", data=order, headers=json_body)
+        assert resp.status == 401
+        assert await resp.json() == {"error": "missing token", "field": "Authorization"}
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        resp = await client.post("/orders", data=order, headers={**json_body, "Authorization": f"Bearer {TOKEN}x"})
+        assert resp.status == 401
+        assert (await resp.json())["error"] == "bad token"
+        resp = await client.post("/orders", data=order, headers={**json_body, "Authorization": f"Basic {TOKEN}"})
+        assert resp.status == 401
+
+    run(make_intake(restaurant, publisher), scenario)
+    assert publisher.events == []
+
+
+def test_orders_without_a_configured_token_are_refused(restaurant: Catalog) -> None:
+    publisher = FakePublisher()
+    order = (PAYLOADS / "generic_order.json").read_bytes()
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        resp = await client.post("/orders", data=order, headers={"Content-Type": "application/json", **BEARER})
+        assert resp.status == 401
+        assert "PIECEFLOW_INTAKE_TOKEN" in (await resp.json())["error"]
+
+    run(make_intake(restaurant, publisher, token=None), scenario)
+    assert publisher.events == []
