@@ -284,6 +284,8 @@ def print_report(result: dict[str, Any]) -> None:
         lead, ratio, work = data["lead_minutes"], data["lead_to_work_ratio"], data["work_minutes"]
         typer.echo(f"\n== {name}: {data['dispatched']} dispatched of {data['placed']} placed "
                    f"({data['amendments']} amendments, {data['cancellations']} cancellations sent)")
+        ended = ", ".join(f"{count} {state.lower()}" for state, count in data["outcomes"].items())
+        typer.echo(f"  outcomes      {ended}; {data['lost']} lost, {data['out_of_order']} out of order")
         typer.echo(f"  lead time     p50 {lead['p50']:7.1f}  p95 {lead['p95']:7.1f}  p99 {lead['p99']:7.1f}  min")
         typer.echo(f"  work (crit.)  p50 {work['p50']:7.1f}  p95 {work['p95']:7.1f}  p99 {work['p99']:7.1f}  min")
         typer.echo(

@@ -226,6 +226,10 @@ class Demo:
         result["rejections"] = report.rejection_counts(rejected)
         result["placed"] = len(orders)
         result["dispatched"] = len(leads)
+        records = self.collector.for_orders(ids)
+        result["outcomes"] = report.outcomes(ids, records)
+        result["lost"] = len(ids) - sum(result["outcomes"].values())
+        result["out_of_order"] = report.seq_regressions(records)
         result.update(extras)
         result["wall_seconds"] = elapsed
         result["station_utilisation"] = {

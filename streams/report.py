@@ -8,7 +8,7 @@ import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 PARTS = ("intake", "queue", "work", "sibling_wait", "dispatch")
 
@@ -70,6 +70,60 @@ def policy_report(
 
 def rejection_counts(reasons: Iterable[str]) -> dict[str, int]:
     return dict(sorted(Counter(reasons).items()))
+
+
+class Output(Protocol):
+    """A pipeline record read back: where it was, its key (the order id), its type and its value."""
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def value(self) -> dict[str, Any]: ...
+
+
+def outcomes(order_ids: Iterable[str], records: Iterable[Output]) -> dict[str, int]:
+    """How each order ended: its last OrderStatus state, or REJECTED when its placement was refused.
+
+    An order with neither is not counted: the caller reports it as lost.
+    """
+    last: dict[str, str] = {}
+    refused = set()
+    for record in records:
+        if record.type == "OrderStatus":
+            last[record.key] = record.value["state"]
+        elif record.type == "OrderRejected" and record.value["request"] == "PLACE":
+            refused.add(record.key)
+    ended: Counter[str] = Counter()
+    for order_id in order_ids:
+        if last.get(order_id) in ("DISPATCHED", "CANCELLED", "FAILED"):
+            ended[last[order_id]] += 1
+        elif order_id in refused and order_id not in last:
+            ended["REJECTED"] += 1
+    return dict(sorted(ended.items()))
+
+
+def seq_regressions(records: Iterable[Output]) -> int:
+    """Records whose per-order ``seq`` does not increase on their topic, repeats of one event ignored."""
+    last: dict[tuple[str, str], int] = {}
+    seen: set[str] = set()
+    regressions = 0
+    for record in records:
+        event_id = record.value["event_id"]
+        if event_id in seen:
+            continue  # an at-least-once repeat of an event already counted
+        seen.add(event_id)
+        key = (record.topic, record.key)
+        if key in last and record.value["seq"] <= last[key]:
+            regressions += 1
+        last[key] = max(record.value["seq"], last.get(key, record.value["seq"]))
+    return regressions
 
 
 def write_json(report: Mapping[str, Any], path: Path) -> None:

@@ -7,11 +7,16 @@ rejections are informational and never change the order.
 
 Amendments carry the complete new content and are accepted only before production starts; the
 production phase is learnt from the OrderStatus records of the dispatch stage (``observe_status``).
+An amendment whose content equals the accepted content changes nothing and gets no decision:
+storefronts send order updates for payment, tags or fulfilment too (Shopify's orders/updated), and
+each would otherwise re-plan the order's work, or be rejected once work has started.
 Cancellations are accepted until the order is dispatched.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -26,6 +31,8 @@ from streams.events import Event, derived_event_id, envelope, epoch_ms, from_epo
 SEEN_EVENT_IDS = 32
 
 PLACE, AMEND, CANCEL = "PLACE", "AMEND", "CANCEL"
+# What an accepted placement or amendment decides; the rest of a request is about where it came from.
+CONTENT = ("priority", "delivery", "currency", "total", "promised_by", "lines")
 REQUESTS = {"OrderPlaced": PLACE, "OrderAmended": AMEND, "OrderCancelled": CANCEL}
 
 # Order phases as validation knows them.
@@ -55,6 +62,7 @@ class ValidationState:
     # Where each seen event was read (topic:partition:offset): the same event from the same place is
     # a replay after a crash or rebalance, whose outputs are already on the log.
     seen_at: dict[str, str] = field(default_factory=dict)
+    content_digest: str | None = None  # of the accepted content (``content_digest``)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,7 +86,8 @@ def validate(
     """Decide on an OrderPlaced / OrderAmended / OrderCancelled.
 
     Emits exactly one of OrderAccepted, OrderRejected or OrderCancellationAccepted (key: order id),
-    or nothing for a replay: an event seen before at the same ``source`` position of the log. The
+    or nothing for a replay (an event seen before at the same ``source`` position of the log) and
+    for an amendment that asks for exactly the accepted content. The
     same event id anywhere else is a storefront sending it twice, and is rejected as a duplicate.
     """
     request = REQUESTS[event_type]
@@ -94,6 +103,9 @@ def validate(
 
     if request == CANCEL:
         return _cancel(state, value, now)
+    digest = content_digest(value)
+    if request == AMEND and digest == state.content_digest:
+        return []
     lifecycle = _lifecycle_problem(state, request)
     if lifecycle:
         return [_reject(state, value, request, [lifecycle], now)]
@@ -106,7 +118,14 @@ def validate(
         state.placed_at_ms = epoch_ms(value["occurred_at"])
         state.phase = ACCEPTED
     state.revision += 1
+    state.content_digest = digest
     return [_accept(state, value, request, now)]
+
+
+def content_digest(value: Mapping[str, Any]) -> str:
+    """A fingerprint of what a placement or amendment asks for, the same for the same content."""
+    canonical = json.dumps({k: value[k] for k in CONTENT}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def observe_status(state: ValidationState, status: Mapping[str, Any]) -> None:

@@ -1,9 +1,11 @@
-"""The demo report's arithmetic: percentiles, unit conversion, courier waits."""
+"""The demo report's arithmetic: percentiles, unit conversion, courier waits, how orders ended."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from streams import report
 from streams.report import percentile, policy_report, rejection_counts, summary
 
 
@@ -42,3 +44,34 @@ def test_rejections_are_counted_by_reason() -> None:
         "PRICE_MISMATCH": 2,
         "UNKNOWN_SKU": 1,
     }
+
+
+@dataclass(frozen=True)
+class Out:
+    topic: str
+    key: str
+    type: str
+    value: dict[str, Any]
+
+
+def status(order_id: str, state: str, seq: int) -> Out:
+    value = {"event_id": f"{order_id}-s{seq}", "seq": seq, "state": state}
+    return Out("orders.status.v1", order_id, "OrderStatus", value)
+
+
+def test_outcomes_count_how_each_order_ended_and_leave_out_the_lost() -> None:
+    records = [
+        status("a", "PLANNED", 1), status("a", "DISPATCHED", 2),
+        status("b", "IN_PROGRESS", 1), status("b", "CANCELLED", 2),
+        Out("orders.decisions.v1", "c", "OrderRejected", {"event_id": "c-r", "seq": 1, "request": "PLACE"}),
+        Out("orders.decisions.v1", "a", "OrderRejected", {"event_id": "a-r", "seq": 2, "request": "AMEND"}),
+        status("d", "IN_PROGRESS", 1),  # never ended
+    ]
+    ended = report.outcomes(["a", "b", "c", "d", "e"], records)
+    assert ended == {"CANCELLED": 1, "DISPATCHED": 1, "REJECTED": 1}  # d and e are lost
+
+
+def test_seq_regressions_ignore_repeats_of_one_event() -> None:
+    first, second = status("a", "PLANNED", 1), status("a", "IN_PROGRESS", 2)
+    assert report.seq_regressions([first, second, second, status("b", "PLANNED", 1)]) == 0
+    assert report.seq_regressions([second, first]) == 1

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -25,8 +26,14 @@ def decide(state: ValidationState, kind: str, value: dict[str, Any], catalog: Ca
     return {"type": events[0].type, **events[0].value}
 
 
+AMENDMENTS = itertools.count(1)
+
+
 def amendment(placed: dict[str, Any], **changes: Any) -> dict[str, Any]:
-    return {**placed, "event_id": new_event_id(), "amendment_id": "A1", **changes}
+    """An amendment of ``placed``; unless ``changes`` says otherwise it asks for a new promised time."""
+    n = next(AMENDMENTS)
+    promised = T0 + timedelta(hours=n)
+    return {**placed, "event_id": new_event_id(), "amendment_id": f"A{n}", "promised_by": promised, **changes}
 
 
 def cancellation(placed: dict[str, Any]) -> dict[str, Any]:
@@ -266,3 +273,18 @@ def test_a_replay_from_the_same_log_position_emits_nothing(restaurant: Catalog, 
     assert validate(state, "OrderPlaced", order, restaurant, T0, source="orders.inbound.v1:2:17") == []
     again = validate(state, "OrderPlaced", order, restaurant, T0, source="orders.inbound.v1:2:18")
     assert [(e.type, e.value["reason"]) for e in again] == [("OrderRejected", "DUPLICATE_EVENT")]
+
+
+def test_an_amendment_that_changes_nothing_gets_no_decision(restaurant: Catalog, make_order: Any) -> None:
+    state = ValidationState()
+    placed = make_order(restaurant, [KUNG_PAO])
+    decide(state, "OrderPlaced", placed, restaurant)
+    same = {**placed, "event_id": new_event_id(), "amendment_id": "paid"}  # e.g. Shopify: payment captured
+    assert validate(state, "OrderAmended", same, restaurant, T0) == []
+    assert state.revision == 1
+    # Not even once work has started or the order is out of the door: there is nothing to refuse.
+    observe_status(state, {"state": "DISPATCHED", "revision": 1})
+    assert validate(state, "OrderAmended", {**same, "event_id": new_event_id()}, restaurant, T0) == []
+    # A real change after dispatch is still refused.
+    changed = amendment(placed)
+    assert decide(state, "OrderAmended", changed, restaurant)["reason"] == "ORDER_CLOSED"
