@@ -33,11 +33,6 @@ recovery resumes flow control after its seek; that also threw away records deliv
 which nothing reads again (``streams.flow_control`` stops it). Instead each seek takes out of the
 buffers exactly the records of the partitions it moved that were fetched before it and that it puts
 back; an agent would otherwise process them twice, the first time ahead of the records before them.
-
-Two more gaps at the same seek. Faust resumes the stream partitions before it seeks them, so records
-aiokafka had fetched at the old position reached the agents first; the stream partitions now stay
-paused until the seek has landed. And aiokafka's seek leaves a partition whose committed offset is 0
-where it is, past records a rebalance may have cleared unprocessed; this seek moves it back to 0.
 """
 
 from __future__ import annotations
@@ -45,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections import Counter, deque
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, cast
 
 import aiokafka
@@ -82,12 +77,10 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         for tp in consumer.assignment():
             offset = await consumer.committed(tp)
             committed[tp] = offset
-            # aiokafka's own seek skips a committed 0, and so left records past it unread that a
-            # rebalance had cleared from the agents' buffers.
-            if offset is not None and offset >= 0:
+            if offset and offset > 0:
                 self._move(consumer, tp, offset)
             else:
-                read_offset[ensure_TP(tp)] = None
+                read_offset[ensure_TP(tp)] = offset if offset is not None and offset >= 0 else None
         return committed
 
     async def rewind(self, offsets: Mapping[TP, int]) -> None:
@@ -122,34 +115,11 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 class Consumer(faust_aiokafka.Consumer):
     _thread: ConsumerThread
     _batch_moves: Mapping[TP, int] | None = None
-    _seek_pending = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         # How often its partition had been moved when each message still alive was fetched.
         self._fetched_at: weakref.WeakKeyDictionary[Message, int] = weakref.WeakKeyDictionary()
-        self._resume_after_seek: set[TP] = set()
-
-    async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
-        self.hold_streams_until_seek()
-        await super().on_partitions_assigned(assigned, generation_id)
-
-    def hold_streams_until_seek(self) -> None:
-        """Keep stream partitions paused until the seek to the committed offsets that ends a rebalance.
-
-        Faust resumes them first and seeks after, and in between its agents process whatever aiokafka
-        fetched at the old position, ahead of the records the seek then reads again.
-        """
-        self._seek_pending = True
-        self._resume_after_seek = set()
-
-    def resume_partitions(self, tps: Iterable[TP]) -> None:
-        tps = set(tps)
-        if self._seek_pending:
-            streams = {tp for tp in tps if not self._is_changelog_tp(tp)}
-            self._resume_after_seek |= streams
-            tps -= streams
-        super().resume_partitions(tps)
 
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -160,12 +130,6 @@ class Consumer(faust_aiokafka.Consumer):
             {ensure_TP(tp): offset or None for tp, offset in committed.items() if offset is not None}
         )
         self._drop_read_again()
-        # Only a seek after the resume was asked for: Faust also seeks when a fetch returns after the
-        # flow stopped, which can be before the rebalance has got that far.
-        if self._seek_pending and self._resume_after_seek:
-            self._seek_pending = False
-            super().resume_partitions(self._resume_after_seek & set(self.assignment()))
-            self._resume_after_seek = set()
 
     def _moved_since_fetch(self, tp: TP, fetched_at: int | None) -> bool:
         return fetched_at is not None and fetched_at != self._thread.moves[tp]

@@ -94,7 +94,6 @@ def consumer(settings: Settings) -> Iterator[tuple[Consumer, FakeAiokafka]]:
     thread.getmany = getmany  # type: ignore[method-assign]
     thread.seek_to_committed = thread._seek_to_committed  # type: ignore[method-assign]
     thread.rewind = thread._rewind  # type: ignore[method-assign]
-    consumer._is_changelog_tp = lambda tp: tp.topic == CHANGELOG.topic  # type: ignore[method-assign]  # no tables here
     consumer.resume_partitions({TP(tp.topic, tp.partition) for tp in fake.position})  # as after recovery
     yield consumer, fake
 
@@ -206,33 +205,3 @@ def test_a_batch_dropped_because_the_flow_stopped_is_read_again_from_its_first_r
     # (no committed offset) would have gone on from offset 3, and its recovery waited for 0-2 forever.
     assert sorted(after) == [("changelog", 0), ("changelog", 1), ("changelog", 2), ("stream", 5), ("stream", 6),
                              ("stream", 7)]
-
-
-def test_stream_partitions_resumed_before_the_seek_wait_for_it(consumer: tuple[Consumer, FakeAiokafka]) -> None:
-    c, fake = consumer
-    every = {TP(tp.topic, tp.partition) for tp in fake.position}
-    c.pause_partitions(every)  # a rebalance assigns the partitions paused
-    c.hold_streams_until_seek()
-    fake.position[STREAM] = 9  # aiokafka fetched on past records the rebalance cleared from the buffers
-
-    async def scenario() -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-        c.resume_partitions(every)  # what Faust does at the end of recovery, before its seek
-        before = await delivered(c)
-        await c.perform_seek()
-        return before, await delivered(c)
-
-    before, after = asyncio.run(scenario())
-    # Delivered before the seek, 9-11 would have been processed ahead of 5-8, then again after them.
-    assert before == [("changelog", 0), ("changelog", 1), ("changelog", 2)]
-    assert [offset for part, offset in after if part == "stream"] == [5, 6, 7]
-
-
-def test_a_committed_offset_of_zero_moves_the_partition_back(consumer: tuple[Consumer, FakeAiokafka]) -> None:
-    c, fake = consumer
-    fake.committed_offsets[STREAM] = 0
-    fake.position[STREAM] = 4  # records 0-3 were delivered, and cleared by a rebalance before any commit
-
-    asyncio.run(c._thread._seek_to_committed())
-
-    assert fake.position[STREAM] == 0  # aiokafka's own seek_to_committed leaves it at 4
-    assert c._read_offset[TP(STREAM.topic, STREAM.partition)] is None
