@@ -192,6 +192,11 @@ def worker(
         catalog = topology.reference.load()
     except RuntimeError as exc:
         raise fail(str(exc)) from exc
+    try:
+        topology.register_output_schemas()
+    except Exception as exc:  # connection refused, timeout, a refused schema: all stop the worker here
+        raise fail(f"registering the pipeline's output schemas at {settings.schema_registry_url} failed: {exc}; "
+                   "check `pieceflow stack status`") from exc
     if not catalog.products:
         raise fail("no catalog on the cluster: run `pieceflow catalog load restaurant` (or a YAML file) first")
     typer.echo(

@@ -304,3 +304,16 @@ async def metrics_page(web: Any, request: Any) -> Any:
 def agent_names() -> list[str]:
     return [name.rsplit(".", 1)[-1] for name in app.agents]
 
+
+def output_records() -> list[tuple[str, str]]:
+    """(topic, record) of everything the agents write as Avro."""
+    agents = set(agent_names())
+    return [(spec.name, record) for spec in TOPICS if spec.writer in agents for record in spec.values]
+
+
+def register_output_schemas() -> None:
+    """Register what the agents write before the worker starts; each record's first send would
+    otherwise ask the registry on the event loop, and a slow registry would stall every partition."""
+    for topic, record in output_records():
+        registry.schema_id(topic, record)
+
