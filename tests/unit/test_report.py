@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from streams import report
+from streams.readback import Record
 from streams.report import percentile, policy_report, rejection_counts, summary
 
 
@@ -46,25 +46,21 @@ def test_rejections_are_counted_by_reason() -> None:
     }
 
 
-@dataclass(frozen=True)
-class Out:
-    topic: str
-    key: str
-    type: str
-    value: dict[str, Any]
+def out(topic: str, key: str, kind: str, value: dict[str, Any]) -> Record:
+    return Record(topic, key, kind, value, {}, b"", 0, 0)
 
 
-def status(order_id: str, state: str, seq: int) -> Out:
+def status(order_id: str, state: str, seq: int) -> Record:
     value = {"event_id": f"{order_id}-s{seq}", "seq": seq, "state": state}
-    return Out("orders.status.v1", order_id, "OrderStatus", value)
+    return out("orders.status.v1", order_id, "OrderStatus", value)
 
 
 def test_outcomes_count_how_each_order_ended_and_leave_out_the_lost() -> None:
     records = [
         status("a", "PLANNED", 1), status("a", "DISPATCHED", 2),
         status("b", "IN_PROGRESS", 1), status("b", "CANCELLED", 2),
-        Out("orders.decisions.v1", "c", "OrderRejected", {"event_id": "c-r", "seq": 1, "request": "PLACE"}),
-        Out("orders.decisions.v1", "a", "OrderRejected", {"event_id": "a-r", "seq": 2, "request": "AMEND"}),
+        out("orders.decisions.v1", "c", "OrderRejected", {"event_id": "c-r", "seq": 1, "request": "PLACE"}),
+        out("orders.decisions.v1", "a", "OrderRejected", {"event_id": "a-r", "seq": 2, "request": "AMEND"}),
         status("d", "IN_PROGRESS", 1),  # never ended
     ]
     ended = report.outcomes(["a", "b", "c", "d", "e"], records)
