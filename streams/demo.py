@@ -39,8 +39,6 @@ from streams.topics import ensure_topics, start_group_at_end
 from streams.topology import ORDERS_DECISIONS, ORDERS_INBOUND, ORDERS_LEADTIME, ORDERS_STATUS, STATIONS_QUEUE, TOPICS
 from streams.workers import WorkerProcess
 
-TERMINAL_STATES = ("DISPATCHED", "CANCELLED", "FAILED")
-
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -189,7 +187,7 @@ class Demo:
             statuses: dict[str, str] = {}
             for record in self.collector.for_orders(ids, "OrderStatus"):
                 statuses[record.key] = record.value["state"]
-            done = {oid for oid, state in statuses.items() if state in TERMINAL_STATES} | decided
+            done = {oid for oid, state in statuses.items() if state in report.TERMINAL_STATES} | decided
             dispatched = sum(1 for state in statuses.values() if state == "DISPATCHED")
             in_production = sum(1 for state in statuses.values() if state in ("PLANNED", "IN_PROGRESS"))
             tasks = self.tasks[label]

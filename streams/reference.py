@@ -78,12 +78,14 @@ class ReferenceData:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"reading the catalog took over {timeout:.0f}s")
             msg = self.consumer.poll(0.2)
+            if msg is None:
+                continue
             try:
-                applied = msg is not None and self._apply(msg)
+                applied = self._apply(msg)
             except RegistryUnavailable as exc:
                 raise RuntimeError(f"reading the catalog needs the schema registry: {exc}; "
                                    "check `pieceflow stack status`") from exc
-            if msg is not None and applied:
+            if applied:
                 positions[(msg.topic() or "", msg.partition() or 0)] = (msg.offset() or 0) + 1
         self._rebuild()
         return self.catalog

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 PARTS = ("intake", "queue", "work", "sibling_wait", "dispatch")
+# OrderStatus states after which nothing more happens to an order.
+TERMINAL_STATES = ("DISPATCHED", "CANCELLED", "FAILED")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -102,7 +104,7 @@ def outcomes(order_ids: Iterable[str], records: Iterable[Output]) -> dict[str, i
             refused.add(record.key)
     ended: Counter[str] = Counter()
     for order_id in order_ids:
-        if last.get(order_id) in ("DISPATCHED", "CANCELLED", "FAILED"):
+        if last.get(order_id) in TERMINAL_STATES:
             ended[last[order_id]] += 1
         elif order_id in refused and order_id not in last:
             ended["REJECTED"] += 1
