@@ -86,13 +86,13 @@ class StationSimulator:
         self.registry = registry or AvroRegistry.from_url(settings.schema_registry_url)
         self.consumer = Consumer(
             {
-                "bootstrap.servers": settings.kafka_bootstrap,
+                **settings.kafka_config(),
                 "group.id": group_id,
                 "auto.offset.reset": "earliest",
                 "enable.auto.commit": True,
             }
         )
-        self.producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, **PRODUCER_DEFAULTS})
+        self.producer = Producer({**settings.kafka_config(), **PRODUCER_DEFAULTS})
         self.completed = 0
         self.failed = 0
         self.next_outage = time.monotonic() + faults.outage_every if faults.outage_every else float("inf")

@@ -46,7 +46,7 @@ class OrderProducer:
         self.source = source
         self.registry = registry or AvroRegistry.from_url(settings.schema_registry_url)
         self.producer = Producer(
-            {"bootstrap.servers": settings.kafka_bootstrap, **PRODUCER_DEFAULTS, **(config or {})}
+            {**settings.kafka_config(), **PRODUCER_DEFAULTS, **(config or {})}
         )
 
     def send(self, event: Typed, key: str) -> None:

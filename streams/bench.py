@@ -210,7 +210,7 @@ class Receiver:
         self._names: dict[int, str | None] = {}
         self.consumer = Consumer(
             {
-                "bootstrap.servers": settings.kafka_bootstrap,
+                **settings.kafka_config(),
                 "group.id": f"pieceflow-bench-receiver-{uuid.uuid4().hex[:8]}",
                 "enable.auto.commit": False,
                 "fetch.wait.max.ms": 100,
@@ -429,11 +429,9 @@ class Bench:
         else:
             self.stack = LocalStack(self.base_settings, echo=self.echo)
             self.stack.up(cluster=self.stack.configured_nodes())
-        self.settings = self.base_settings.model_copy(
-            update={"bootstrap_servers": self.stack.bootstrap(), "registry_url": self.stack.registry_url()}
-        )
+        self.settings = self.stack.client_settings()
         self.registry = AvroRegistry.from_url(self.settings.schema_registry_url)
-        self.admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
+        self.admin = AdminClient(self.settings.kafka_config())
         ensure_topics(TOPICS, self.settings)
         self.partitions = self._partitions(TOPICS)
         catalog = load_catalog_yaml(resource_dir("deploy/catalogs") / f"{self.options.catalog}.yaml")
@@ -510,9 +508,8 @@ class Bench:
     def child_env(self, **extra: str) -> dict[str, str]:
         return {
             **os.environ,
+            **self.settings.cluster_env(),
             "PIECEFLOW_APP_ID": self.app_id,
-            "PIECEFLOW_BOOTSTRAP_SERVERS": self.settings.kafka_bootstrap,
-            "PIECEFLOW_REGISTRY_URL": self.settings.schema_registry_url,
             "PIECEFLOW_PARTITIONS": str(self.partitions),
             "PIECEFLOW_HOME": str(self.settings.home.resolve()),
             **extra,
@@ -759,7 +756,7 @@ class Bench:
                             cpu_start, cpu_end, wall, drained, unflushed, failed_sends, foreign, others)
 
     def _inbound_end(self) -> int:
-        consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap, "group.id": "pieceflow-bench-ends"})
+        consumer = Consumer({**self.settings.kafka_config(), "group.id": "pieceflow-bench-ends"})
         try:
             meta = consumer.list_topics(self.send_topic, timeout=10).topics[self.send_topic]
             return sum(consumer.get_watermark_offsets(TopicPartition(self.send_topic, p), timeout=10)[1]
@@ -874,7 +871,7 @@ class Bench:
         producer: Producer | None = None
         try:
             catalog = self.prepare_stack()
-            producer = Producer({"bootstrap.servers": self.settings.kafka_bootstrap, **PRODUCER_DEFAULTS})
+            producer = Producer({**self.settings.kafka_config(), **PRODUCER_DEFAULTS})
             self.start_children()
             ready = self.wait_ready(catalog, producer)
             self.echo(f"Pipeline warm after {ready:.1f}s ({self.partitions} partitions, {opts.workers} worker(s)).")

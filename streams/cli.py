@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from pydantic import ValidationError
 
 from streams.resources import resource_dir
 from streams.settings import get_settings
@@ -462,4 +463,19 @@ def sink_erp(
     typer.echo(f"ERP sink stopped: {counts}.", err=True)
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except ValidationError as exc:  # settings are read lazily, inside whichever subcommand runs
+        typer.secho(f"error: the PIECEFLOW_* settings are not valid:\n{settings_problems(exc)}", fg=typer.colors.RED,
+                    err=True)
+        raise SystemExit(2) from None
+
+
+def settings_problems(exc: ValidationError) -> str:
+    """One line per problem, named by its environment variable."""
+    lines = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        field = "_".join(str(part) for part in error["loc"])
+        lines.append(f"  PIECEFLOW_{field.upper()}: {message}" if field else f"  {message}")
+    return "\n".join(lines)

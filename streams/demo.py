@@ -78,9 +78,7 @@ class Demo:
                 serve_metrics(self.settings.demo_metrics_port, self.settings.host)
             except OSError as exc:  # metrics are a bonus; a taken port must not stop the demo
                 self.console.print(f"[yellow]no /metrics on port {self.settings.demo_metrics_port}: {exc}[/yellow]")
-        self.settings = self.settings.model_copy(
-            update={"bootstrap_servers": self.stack.bootstrap(), "registry_url": self.stack.registry_url()}
-        )
+        self.settings = self.stack.client_settings()
         self.registry = AvroRegistry.from_url(self.settings.schema_registry_url)
         ensure_topics(TOPICS, self.settings)
         path = resource_dir("deploy/catalogs") / f"{self.config.scenario}.yaml"
@@ -91,9 +89,11 @@ class Demo:
         self.collector = Collector(
             self.settings, self.registry, [ORDERS_DECISIONS.name, ORDERS_STATUS.name, ORDERS_LEADTIME.name]
         )
+        # From the topics' ends even after an earlier demo: what other work wrote to the shared topics
+        # since then is not this demo's, and its worker would otherwise process all of it first.
         start_group_at_end("pieceflow-demo", [t.name for t in TOPICS if not t.name.startswith("catalog.")],
-                           self.settings)
-        start_group_at_end("pieceflow-demo-stations", [STATIONS_QUEUE.name], self.settings)
+                           self.settings, even_if_committed=True)
+        start_group_at_end("pieceflow-demo-stations", [STATIONS_QUEUE.name], self.settings, even_if_committed=True)
         self.console.print(
             f"Starting a worker and {self.config.scenario} stations (time scale {self.config.time_scale})"
         )

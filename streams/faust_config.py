@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import sys
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,6 +23,8 @@ from streams.settings import Settings
 class Transport(faust_aiokafka.Transport):
     Consumer: ClassVar[type[ConsumerT]] = aiokafka_consumer.Consumer
     Producer: ClassVar[type[ProducerT]] = rdkafka_producer.Producer
+    # librdkafka's connection settings for the producer; aiokafka gets the same as broker credentials.
+    kafka_config: dict[str, Any] = {}
 
 
 class App(faust.App):
@@ -52,13 +55,30 @@ def new_app(settings: Settings) -> faust.App:
     """A Faust app that consumes through aiokafka (seek-safe batches), produces through librdkafka, and
     keeps its agents' buffers when flow control resumes while records flow."""
     app = App(settings.app_id, **faust_settings(settings))
-    app.transport = Transport(app.conf.broker_consumer, app)
+    transport = Transport(app.conf.broker_consumer, app)
+    transport.kafka_config = settings.kafka_config()
+    app.transport = transport
     return app
+
+
+def broker_credentials(settings: Settings) -> faust.auth.Credentials | None:
+    """The cluster's security settings as Faust hands them to aiokafka (consumer, topic creation)."""
+    context = ssl.create_default_context(cafile=settings.ssl_ca_location) if settings.tls else None
+    if settings.sasl:
+        assert settings.sasl_password is not None
+        return faust.SASLCredentials(
+            username=settings.sasl_username,
+            password=settings.sasl_password.get_secret_value(),
+            mechanism=settings.sasl_mechanism,
+            ssl_context=context,
+        )
+    return faust.SSLCredentials(context) if context is not None else None
 
 
 def faust_settings(settings: Settings) -> dict[str, Any]:
     return {
         "broker": f"kafka://{settings.kafka_bootstrap}",
+        "broker_credentials": broker_credentials(settings),
         "datadir": str(settings.home.resolve() / "faust" / settings.app_id),
         "web_port": settings.web_port,
         "web_host": settings.host,

@@ -44,6 +44,9 @@ class Producer(faust_aiokafka.Producer):
         self._rdkafka = confluent_kafka.Producer(
             {
                 "bootstrap.servers": servers,
+                # Security settings (TLS, SASL) in librdkafka's terms; Faust's own clients take them as
+                # broker credentials (faust_config.Transport carries both).
+                **getattr(self.transport, "kafka_config", {}),
                 "client.id": self.app.conf.broker_client_id,
                 **PRODUCER_DEFAULTS,
             }

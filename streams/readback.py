@@ -47,7 +47,7 @@ class Collector:
     def __init__(self, settings: Settings, registry: AvroRegistry, topics: list[str]) -> None:
         self.registry = registry
         self.consumer = Consumer(
-            {"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"collector-{uuid.uuid4().hex[:8]}",
+            {**settings.kafka_config(), "group.id": f"collector-{uuid.uuid4().hex[:8]}",
              "enable.auto.commit": False}
         )
         assign_at_end(self.consumer, topics)

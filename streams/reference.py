@@ -23,7 +23,7 @@ STATIONS_TOPIC = "catalog.stations.v1"
 
 def publish_catalog(catalog: Catalog, settings: Settings, registry: AvroRegistry) -> tuple[int, int]:
     """Write every product and station, keyed by sku and station id; returns the counts."""
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, **PRODUCER_DEFAULTS})
+    producer = Producer({**settings.kafka_config(), **PRODUCER_DEFAULTS})
     products, stations = catalog_to_avro(catalog, utc_now())
     for product in products:
         value = registry.encode(PRODUCTS_TOPIC, "CatalogProduct", product)
@@ -54,7 +54,7 @@ class ReferenceData:
         if self._consumer is None:
             self._consumer = Consumer(
                 {
-                    "bootstrap.servers": self.settings.kafka_bootstrap,
+                    **self.settings.kafka_config(),
                     "group.id": f"pieceflow-reference-{uuid.uuid4().hex[:8]}",
                     "enable.auto.commit": False,
                     "auto.offset.reset": "earliest",

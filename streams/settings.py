@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 class Settings(BaseSettings):
@@ -50,6 +54,20 @@ class Settings(BaseSettings):
         default=None,
         description="Confluent-compatible registry URL; defaults to the local Apicurio ccompat API.",
     )
+    security_protocol: SecurityProtocol = Field(
+        default="PLAINTEXT",
+        description="How every Kafka client connects: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.",
+    )
+    sasl_mechanism: SaslMechanism = Field(
+        default="PLAIN", description="SASL mechanism with SASL_*: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."
+    )
+    sasl_username: str | None = Field(default=None, description="SASL user name; required with SASL_*.")
+    sasl_password: SecretStr | None = Field(default=None, description="SASL password; required with SASL_*.")
+    ssl_ca_location: Path | None = Field(
+        default=None,
+        description="PEM file of the CA that signed the brokers' certificates, with SSL or SASL_SSL; "
+        "unset, the system's CAs.",
+    )
     partitions: int = Field(default=4, description="Partitions of each pipeline topic.")
     replication_factor: int = Field(default=1, description="Replication factor of pipeline topics.")
     app_id: str = Field(default="pieceflow", description="Faust application id (consumer group).")
@@ -75,6 +93,57 @@ class Settings(BaseSettings):
         description="Bearer token POST /orders requires; unset, /orders answers 401 to everything.",
     )
     intake_port: int = Field(default=8090, description="Intake service HTTP port (webhooks, /metrics, /healthz).")
+
+    @model_validator(mode="after")
+    def _security_is_complete(self) -> Settings:
+        if self.security_protocol.startswith("SASL_") and not (self.sasl_username and self.sasl_password):
+            raise ValueError(
+                f"PIECEFLOW_SECURITY_PROTOCOL={self.security_protocol} needs PIECEFLOW_SASL_USERNAME and "
+                "PIECEFLOW_SASL_PASSWORD: set both, or use PLAINTEXT or SSL"
+            )
+        if self.ssl_ca_location is not None and not self.ssl_ca_location.is_file():
+            raise ValueError(f"PIECEFLOW_SSL_CA_LOCATION={self.ssl_ca_location} is not a readable file")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL_")
+
+    def kafka_config(self) -> dict[str, Any]:
+        """librdkafka properties that reach the cluster: every confluent-kafka client starts from these."""
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.kafka_bootstrap,
+            "security.protocol": self.security_protocol.lower(),
+        }
+        if self.sasl:
+            assert self.sasl_username is not None and self.sasl_password is not None
+            config["sasl.mechanism"] = self.sasl_mechanism
+            config["sasl.username"] = self.sasl_username
+            config["sasl.password"] = self.sasl_password.get_secret_value()
+        if self.tls and self.ssl_ca_location is not None:
+            config["ssl.ca.location"] = str(self.ssl_ca_location)
+        return config
+
+    def cluster_env(self) -> dict[str, str]:
+        """The settings a child process needs to reach the same cluster and registry, as PIECEFLOW_* variables."""
+        env = {
+            "PIECEFLOW_HOME": str(self.home),
+            "PIECEFLOW_BOOTSTRAP_SERVERS": self.kafka_bootstrap,
+            "PIECEFLOW_REGISTRY_URL": self.schema_registry_url,
+            "PIECEFLOW_SECURITY_PROTOCOL": self.security_protocol,
+            "PIECEFLOW_SASL_MECHANISM": self.sasl_mechanism,
+        }
+        if self.sasl_username is not None:
+            env["PIECEFLOW_SASL_USERNAME"] = self.sasl_username
+        if self.sasl_password is not None:
+            env["PIECEFLOW_SASL_PASSWORD"] = self.sasl_password.get_secret_value()
+        if self.ssl_ca_location is not None:
+            env["PIECEFLOW_SSL_CA_LOCATION"] = str(self.ssl_ca_location)
+        return env
 
     @property
     def kafka_bootstrap(self) -> str:

@@ -18,7 +18,7 @@ import subprocess
 import tarfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,9 +73,13 @@ def log_tail(path: Path, lines: int = 40) -> str:
 
 
 class LocalStack:
-    def __init__(self, settings: Settings, echo: Echo = print) -> None:
+    def __init__(
+        self, settings: Settings, echo: Echo = print, broker_overrides: Mapping[str, object] | None = None
+    ) -> None:
         self.settings = settings
         self.echo = echo
+        # Extra or replaced broker properties (an added listener, say), written after the defaults.
+        self.broker_overrides = dict(broker_overrides or {})
         self.home = settings.home.resolve()
         self.dist = self.home / "dist"
         self.kafka_libs = self.dist / f"kafka-{settings.kafka_version}" / "libs"
@@ -98,6 +102,16 @@ class LocalStack:
     def bootstrap(self, count: int | None = None) -> str:
         nodes = self.nodes(count or self.configured_nodes())
         return ",".join(f"{self.settings.host}:{n.broker_port}" for n in nodes)
+
+    def client_settings(self) -> Settings:
+        """The settings pointed at this stack, which listens in plain text whatever the configured cluster does."""
+        return self.settings.model_copy(
+            update={
+                "bootstrap_servers": self.bootstrap(),
+                "registry_url": self.registry_url(),
+                "security_protocol": "PLAINTEXT",
+            }
+        )
 
     def _pid_file(self, name: str) -> Path:
         return self.run_dir / f"{name}.pid"
@@ -261,6 +275,7 @@ class LocalStack:
             "log.cleaner.dedupe.buffer.size": 16777216,
             "broker.session.timeout.ms": 4000,
             "broker.heartbeat.interval.ms": 500,
+            **self.broker_overrides,
         }
         path = self._node_dir(node) / "server.properties"
         path.parent.mkdir(parents=True, exist_ok=True)

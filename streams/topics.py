@@ -6,7 +6,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.settings import Settings
@@ -37,13 +37,16 @@ class TopicSpec:
 
 def ensure_topics(specs: list[TopicSpec], settings: Settings, timeout: float = 30.0) -> list[str]:
     """Create the topics that do not exist yet; returns the names created. Existing ones are kept."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    # librdkafka tells why it could not connect (refused credentials, an untrusted certificate) only to
+    # the error callback, served by poll; the failing call itself says "transport failure".
+    errors: list[KafkaError] = []
+    config: dict[str, Any] = {**settings.kafka_config(), "error_cb": errors.append}
+    admin = AdminClient(config)
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
     except KafkaException as exc:
-        raise RuntimeError(
-            f"Kafka at {settings.kafka_bootstrap} is unreachable ({exc}): start it with `pieceflow stack up`"
-        ) from exc
+        admin.poll(0)  # serves the error callback
+        raise RuntimeError(unreachable(settings, errors[-1] if errors else exc.args[0])) from exc
     wanted = [
         NewTopic(
             spec.name,
@@ -63,11 +66,26 @@ def ensure_topics(specs: list[TopicSpec], settings: Settings, timeout: float = 3
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise RuntimeError(f"could not create topic {name}: {exc}") from exc
     created = [t.topic for t in wanted]
-    _wait_for_leaders(admin, created, timeout, settings.kafka_bootstrap)
+    _wait_for_leaders(admin, created, timeout, settings)
     return created
 
 
-def _wait_for_leaders(admin: AdminClient, names: list[str], timeout: float, bootstrap: str) -> None:
+def unreachable(settings: Settings, error: KafkaError) -> str:
+    """What went wrong reaching Kafka, and which settings to look at."""
+    where = f"Kafka at {settings.kafka_bootstrap}"
+    if error.code() == KafkaError._AUTHENTICATION:
+        return (f"{where} refused the SASL credentials ({error.str()}): check PIECEFLOW_SASL_USERNAME, "
+                "PIECEFLOW_SASL_PASSWORD and PIECEFLOW_SASL_MECHANISM")
+    if error.code() == KafkaError._SSL:
+        return (f"the TLS handshake with {where} failed ({error.str()}): check PIECEFLOW_SSL_CA_LOCATION (the CA "
+                "that signed the brokers' certificates) and PIECEFLOW_SECURITY_PROTOCOL")
+    if settings.bootstrap_servers is None:
+        return f"{where} is unreachable ({error.str()}): start the local stack with `pieceflow stack up`"
+    return (f"{where} is unreachable ({error.str()}): check PIECEFLOW_BOOTSTRAP_SERVERS and "
+            f"PIECEFLOW_SECURITY_PROTOCOL (now {settings.security_protocol})")
+
+
+def _wait_for_leaders(admin: AdminClient, names: list[str], timeout: float, settings: Settings) -> None:
     """Wait until every partition of the new topics answers for its offsets.
 
     Metadata names a leader before that broker has loaded the partition, which meanwhile answers
@@ -75,7 +93,7 @@ def _wait_for_leaders(admin: AdminClient, names: list[str], timeout: float, boot
     """
     deadline = time.monotonic() + timeout
     pending: list[TopicPartition] | None = None
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "pieceflow-topic-check"})
+    consumer = Consumer({**settings.kafka_config(), "group.id": "pieceflow-topic-check"})
     try:
         while True:
             if pending is None:
@@ -115,25 +133,28 @@ def ensure_internal_topics(app_id: str, tables: list[str], settings: Settings, t
     ensure_topics(specs, settings, timeout)
     leader = TopicSpec(f"{app_id}-__assignor-__leader", "-", ("-",), "Faust")
     ensure_topics([leader], settings.model_copy(update={"partitions": 1}), timeout)
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-    _wait_for_leaders(admin, [spec.name for spec in specs] + [leader.name], timeout, settings.kafka_bootstrap)
+    admin = AdminClient(settings.kafka_config())
+    _wait_for_leaders(admin, [spec.name for spec in specs] + [leader.name], timeout, settings)
 
 
-def start_group_at_end(group: str, topics: list[str], settings: Settings, timeout: float = 10.0) -> bool:
+def start_group_at_end(
+    group: str, topics: list[str], settings: Settings, timeout: float = 10.0, *, even_if_committed: bool = False
+) -> bool:
     """Give a consumer group that has never committed offsets at the topics' current ends.
 
     For throwaway groups (tests, demo, benchmark) on a long-lived stack: they start with what comes
-    next, not with everyone's history. A group with commits is left alone; returns whether it was new.
+    next, not with everyone's history. A group with commits is left alone unless ``even_if_committed``
+    (a group reused from run to run, whose earlier runs are over); returns whether it was moved.
     """
     consumer = Consumer(
-        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": group, "enable.auto.commit": False}
+        {**settings.kafka_config(), "group.id": group, "enable.auto.commit": False}
     )
     try:
         partitions = []
         for topic in topics:
             meta = consumer.list_topics(topic, timeout=timeout).topics[topic]
             partitions += [TopicPartition(topic, p) for p in meta.partitions]
-        if any(tp.offset >= 0 for tp in consumer.committed(partitions, timeout=timeout)):
+        if not even_if_committed and any(tp.offset >= 0 for tp in consumer.committed(partitions, timeout=timeout)):
             return False
         ends = [
             TopicPartition(tp.topic, tp.partition, consumer.get_watermark_offsets(tp, timeout=timeout)[1])

@@ -18,14 +18,9 @@ class WorkerProcess:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log = log_dir / f"{name}.log"
         # The child talks to the same cluster as the parent, whatever the parent's settings came from.
-        cluster = {
-            "PIECEFLOW_HOME": str(settings.home),
-            "PIECEFLOW_BOOTSTRAP_SERVERS": settings.kafka_bootstrap,
-            "PIECEFLOW_REGISTRY_URL": settings.schema_registry_url,
-        }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streams", "worker", "--loglevel", "info"],
-            env={**os.environ, **cluster, **env},
+            env={**os.environ, **settings.cluster_env(), **env},
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
         )

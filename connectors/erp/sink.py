@@ -145,7 +145,7 @@ class ErpSink:
             # Static membership: a sink restarted under the same id (a supervisor restarting it
             # after a crash) gets its partitions back at once instead of after the session timeout.
             **static,
-            "bootstrap.servers": self.settings.kafka_bootstrap,
+            **self.settings.kafka_config(),
             "group.id": self.group_id,
             "client.id": "pieceflow-erp-sink",
             # Offsets move only by the synchronous commit after the database commit.

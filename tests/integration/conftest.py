@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -50,7 +51,7 @@ def catalog() -> Catalog:
 @pytest.fixture(scope="session")
 def pipeline_settings(stack: LocalStack, settings: Settings) -> Settings:
     """Settings pointing at the running stack, for workers started as child processes."""
-    return settings.model_copy(update={"bootstrap_servers": stack.bootstrap(), "registry_url": stack.registry_url()})
+    return stack.client_settings()
 
 
 @pytest.fixture(scope="session")
@@ -83,26 +84,30 @@ def new_topic(admin: AdminClient) -> Iterator[object]:
                 future.result(timeout=30)
 
 
-@pytest.fixture(scope="session")
-def fault_stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    """A second, private stack for tests that kill or stop the broker, so the shared one stays up.
-
-    It reuses the shared stack's assembled jars (no second download) but has its own data and ports.
-    """
-    home = tmp_path_factory.mktemp("fault-stack")
+def private_stack(
+    settings: Settings, home: Path, port_offset: int, broker_overrides: Mapping[str, object] | None = None
+) -> LocalStack:
+    """A one-node stack of a test's own: own data and ports, the shared stack's assembled jars (no second
+    download). Not started."""
     shared = LocalStack(settings)
     shared.assemble()
     (home / "dist").symlink_to(shared.dist)
     private = settings.model_copy(
         update={
             "home": home,
-            "kafka_port": settings.kafka_port + 1000,
-            "registry_port": settings.registry_port + 1000,
-            "registry_management_port": settings.registry_management_port + 1000,
+            "kafka_port": settings.kafka_port + port_offset,
+            "registry_port": settings.registry_port + port_offset,
+            "registry_management_port": settings.registry_management_port + port_offset,
             "kafka_heap": "384m",
         }
     )
-    local = LocalStack(private)
+    return LocalStack(private, broker_overrides=broker_overrides)
+
+
+@pytest.fixture(scope="session")
+def fault_stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """A second, private stack for tests that kill or stop the broker, so the shared one stays up."""
+    local = private_stack(settings, tmp_path_factory.mktemp("fault-stack"), 1000)
     try:
         local.up()
     except StackError as exc:

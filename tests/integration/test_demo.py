@@ -10,18 +10,34 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
+from streams.codec import AvroRegistry
+from streams.readback import Collector
 from streams.stack import LocalStack
+from streams.topics import ensure_topics, start_group_at_end
+from streams.topology import DEAD_LETTERS, ORDERS_INBOUND, TOPICS
 
 BOUND = 480.0
 ORDERS = 12
 
 
 def test_a_short_demo_accounts_for_every_order(stack: LocalStack, admin: AdminClient, tmp_path: Path) -> None:
+    # An earlier demo committed, then other work wrote to the shared topics: the demo must not process that.
+    settings = stack.client_settings()
+    ensure_topics(TOPICS, settings)
+    start_group_at_end("pieceflow-demo", [ORDERS_INBOUND.name], settings, even_if_committed=True)
+    foreign_key = f"not-the-demos-{uuid.uuid4().hex[:8]}"
+    producer = Producer(settings.kafka_config())
+    producer.produce(ORDERS_INBOUND.name, key=foreign_key, value=b"not avro")
+    assert producer.flush(10) == 0
+    dead_letters = Collector(settings, AvroRegistry.from_url(settings.schema_registry_url), [DEAD_LETTERS.name])
+
     command = [sys.executable, "-m", "streams", "demo", "--orders", str(ORDERS), "--rate", "6",
                "--time-scale", "0.0005", "--policy", "batch", "--output-dir", str(tmp_path)]
     env = {**os.environ, "PIECEFLOW_DEMO_METRICS_PORT": "0"}
@@ -45,6 +61,9 @@ def test_a_short_demo_accounts_for_every_order(stack: LocalStack, admin: AdminCl
         assert len(policy["per_order"]) == policy["dispatched"], name
         for order in policy["per_order"]:
             assert order["lead_minutes"] > 0 and order["work_minutes"] > 0, order
+
+    dead_letters.close()
+    assert not dead_letters.where(topic=DEAD_LETTERS.name, key=foreign_key), "the demo processed earlier history"
 
     # Nothing it started is left running: its worker left the group.
     (group,) = admin.describe_consumer_groups(["pieceflow-demo"]).values()

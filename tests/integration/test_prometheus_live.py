@@ -286,8 +286,8 @@ def scrape_config(targets: dict[str, str]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def live_settings(stack: LocalStack, settings: Settings) -> Settings:
-    return settings.model_copy(update={"bootstrap_servers": stack.bootstrap(), "registry_url": stack.registry_url()})
+def live_settings(stack: LocalStack) -> Settings:
+    return stack.client_settings()
 
 
 @pytest.fixture(scope="module")
@@ -325,12 +325,7 @@ def pipeline(
     start_group_at_end(APP_ID, PIPELINE_TOPICS, live_settings)
     start_group_at_end(f"{APP_ID}-stations", [STATIONS_QUEUE.name], live_settings)
     start_group_at_end(sink_group, list(SINK_TOPICS), live_settings)
-    cluster = {
-        "PIECEFLOW_HOME": str(live_settings.home),
-        "PIECEFLOW_BOOTSTRAP_SERVERS": live_settings.kafka_bootstrap,
-        "PIECEFLOW_REGISTRY_URL": live_settings.schema_registry_url,
-        "PIECEFLOW_APP_ID": APP_ID,
-    }
+    cluster = {**live_settings.cluster_env(), "PIECEFLOW_APP_ID": APP_ID}
     web_port, intake_port, sink_port = free_port(), free_port(), free_port()
     worker = WorkerProcess(live_settings, logs, "worker", {**cluster, "PIECEFLOW_WEB_PORT": str(web_port)})
     intake = Child(

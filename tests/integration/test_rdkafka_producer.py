@@ -23,7 +23,7 @@ from tests.conftest import wait_until
 
 def new_producer(settings: Settings, bootstrap: str) -> Producer:
     app_id = f"producer-{uuid.uuid4().hex[:8]}"
-    producer = new_app(settings.model_copy(update={"kafka_bootstrap": bootstrap, "app_id": app_id})).producer
+    producer = new_app(settings.model_copy(update={"bootstrap_servers": bootstrap, "app_id": app_id})).producer
     assert isinstance(producer, Producer)
     return producer
 

@@ -79,7 +79,7 @@ class Buffered:
 
 @pytest.fixture
 def consumer(settings: Settings) -> Iterator[tuple[Consumer, FakeAiokafka]]:
-    app = new_app(settings.model_copy(update={"app_id": "unit-consumer", "kafka_bootstrap": "127.0.0.1:1"}))
+    app = new_app(settings.model_copy(update={"app_id": "unit-consumer", "bootstrap_servers": "127.0.0.1:1"}))
     consumer = app.consumer
     assert isinstance(consumer, Consumer)
     consumer.agent_buffer = app.FlowControlQueue(maxsize=100, clear_on_resume=True)  # type: ignore[attr-defined]

@@ -814,3 +814,18 @@ def test_config_map_matches_topics_and_secrets_template() -> None:
         "PIECEFLOW_INTAKE_TOKEN",
         "PIECEFLOW_DATABASE_URL",
     }
+
+
+def test_every_setting_the_manifests_set_is_one_pieceflow_reads() -> None:
+    """Settings ignore unknown PIECEFLOW_* variables, so a misspelt or unimplemented one would be dropped
+    without a word."""
+    from streams.settings import Settings
+
+    named = {
+        match
+        for path in (ROOT / "deploy").rglob("*")
+        if path.is_file() and path.suffix in (".yaml", ".yml", ".env", ".sh")
+        for match in re.findall(r"PIECEFLOW_([A-Z_]+)", path.read_text())
+    }
+    assert named
+    assert sorted(name for name in named if name.lower() not in Settings.model_fields) == []
