@@ -96,7 +96,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _security_is_complete(self) -> Settings:
-        if self.security_protocol.startswith("SASL_") and not (self.sasl_username and self.sasl_password):
+        if self.sasl and not (self.sasl_username and self.sasl_password):
             raise ValueError(
                 f"PIECEFLOW_SECURITY_PROTOCOL={self.security_protocol} needs PIECEFLOW_SASL_USERNAME and "
                 "PIECEFLOW_SASL_PASSWORD: set both, or use PLAINTEXT or SSL"

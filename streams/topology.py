@@ -9,6 +9,7 @@
        │                                                └──── stations.lane-events ◀─┐             │
        └── orders.operations (key: order) ◀──────────────── [reroute] ◀── stations.events ◀───────┘
     [track] ─▶ orders.status (compacted) · orders.dispatched · orders.leadtime
+    [track] ─▶ orders.phase (compacted) ─▶ [validate]: amendments and cancellations need the phase
 
 Each agent is a thin shell around a pure stage function (``streams.stages``): it loads the state for
 the event's key, calls the function, sends every output keyed, then stores the state. Agents run with
@@ -61,6 +62,7 @@ ORDERS_OPERATIONS = TopicSpec(
     "orders.operations.v1", "order id", ("OperationStarted", "OperationCompleted", "OperationFailed"), "reroute"
 )
 ORDERS_STATUS = TopicSpec("orders.status.v1", "order id", ("OrderStatus",), "track", compacted=True)
+ORDERS_PHASE = TopicSpec("orders.phase.v1", "order id", ("OrderPhaseChanged",), "track", compacted=True)
 ORDERS_DISPATCHED = TopicSpec("orders.dispatched.v1", "order id", ("OrderDispatched",), "track")
 ORDERS_LEADTIME = TopicSpec("orders.leadtime.v1", "order id", ("OrderLeadTime",), "track")
 CATALOG_PRODUCTS = TopicSpec(PRODUCTS_TOPIC, "sku", ("CatalogProduct",), "pieceflow catalog load", compacted=True)
@@ -72,7 +74,7 @@ DEAD_LETTERS = TopicSpec(
 
 TOPICS: list[TopicSpec] = [
     ORDERS_INBOUND, ORDERS_DECISIONS, ORDERS_WORKITEMS, OPERATIONS_REQUESTED, STATIONS_QUEUE, STATIONS_EVENTS,
-    STATIONS_LANE_EVENTS, ORDERS_OPERATIONS, ORDERS_STATUS, ORDERS_DISPATCHED, ORDERS_LEADTIME,
+    STATIONS_LANE_EVENTS, ORDERS_OPERATIONS, ORDERS_STATUS, ORDERS_PHASE, ORDERS_DISPATCHED, ORDERS_LEADTIME,
     CATALOG_PRODUCTS, CATALOG_STATIONS, DEAD_LETTERS,
 ]
 
@@ -177,13 +179,13 @@ validate_runner = StageRunner("validation", routes(ORDERS_DECISIONS), dead_lette
 
 
 def validation_step(state: validation.ValidationState, source: str, value: Decoded) -> list[Event]:
-    if value.type == "OrderStatus":  # production progress: amendments are refused once work starts
-        validation.observe_status(state, value.value)
+    if value.type == "OrderPhaseChanged":  # amendments are refused once work starts, everything once closed
+        validation.observe_phase(state, value.value)
         return []
     return validation.validate(state, value.type, value.value, catalog(), utc_now(), source)
 
 
-@app.agent(source(ORDERS_INBOUND, ORDERS_STATUS), concurrency=1)
+@app.agent(source(ORDERS_INBOUND, ORDERS_PHASE), concurrency=1)
 async def validate(stream: faust.StreamT) -> None:
     async for event in stream.events():
         key = key_of(event)
@@ -218,7 +220,7 @@ async def expand(stream: faust.StreamT) -> None:
 
 track_runner = StageRunner(
     "dispatch",
-    routes(OPERATIONS_REQUESTED, ORDERS_STATUS, ORDERS_DISPATCHED, ORDERS_LEADTIME),
+    routes(OPERATIONS_REQUESTED, ORDERS_STATUS, ORDERS_PHASE, ORDERS_DISPATCHED, ORDERS_LEADTIME),
     dead_letters,
 )
 TRACKED = ("WorkItemPlanned", "OperationStarted", "OperationCompleted", "OperationFailed", "OrderCancellationAccepted")
@@ -303,6 +305,11 @@ async def metrics_page(web: Any, request: Any) -> Any:
 
 def agent_names() -> list[str]:
     return [name.rsplit(".", 1)[-1] for name in app.agents]
+
+
+def input_topics() -> list[str]:
+    """Every topic an agent reads, in the order the agents are declared."""
+    return list(dict.fromkeys(name for agent in app.agents.values() for name in agent.channel.topics))
 
 
 def output_records() -> list[tuple[str, str]]:

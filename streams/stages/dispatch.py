@@ -15,8 +15,11 @@ one place that sees an order's plan and its completions together:
   OrderCancellationAccepted cancels and revokes likewise.
 - OperationAssigned is optional input: it only records the station.
 
-Every change emits an OrderStatus (compacted topic). Output seq comes from one per-order counter
-shared by all of this stage's topics, so it strictly increases per order on each (with gaps).
+Every change emits an OrderStatus (compacted topic). A change of state, or of the revision being
+produced, also emits an OrderPhaseChanged: validation needs only those (is production under way, is
+the order closed) and would otherwise read an OrderStatus for every operation started and completed.
+Output seq comes from one per-order counter shared by all of this stage's topics, so it strictly
+increases per order on each (with gaps).
 
 Lead time of a dispatched order is measured along its critical work item (the one that completed
 last): ``lead_time = intake + queue + work + dispatch`` exactly, where intake is placement to the
@@ -88,6 +91,9 @@ class OrderProgress:
     detail: str | None = None
     dispatched_at_ms: int | None = None
     carrier_id: str | None = None
+    # The (state, revision) last announced by OrderPhaseChanged.
+    announced_state: str | None = None
+    announced_revision: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         # By hand: dataclasses.asdict deep-copies recursively, which is slow on the hot path.
@@ -119,7 +125,7 @@ def handle(
     state: OrderProgress, event_type: str, value: Mapping[str, Any], catalog: Catalog, now: datetime
 ) -> list[Event]:
     """Apply one order-keyed input. Emits OperationRequested / OperationRevoked (key: lane),
-    OrderStatus, OrderDispatched, OrderLeadTime (key: order id)."""
+    OrderStatus, OrderPhaseChanged, OrderDispatched, OrderLeadTime (key: order id)."""
     state.order_id = value["order_id"]
     if state.state in TERMINAL:
         return []
@@ -222,6 +228,9 @@ class _Step:
             "detail": s.detail,
         }
         self.emit("OrderStatus", s.order_id, body)
+        if (s.state, s.revision) != (s.announced_state, s.announced_revision):
+            s.announced_state, s.announced_revision = s.state, s.revision
+            self.emit("OrderPhaseChanged", s.order_id, {"state": s.state, "revision": s.revision, "detail": s.detail})
 
 
 def _on_planned(step: _Step, value: Mapping[str, Any]) -> None:

@@ -6,7 +6,7 @@ DUPLICATE_ORDER; a redelivered event is caught by its event id as DUPLICATE_EVEN
 rejections are informational and never change the order.
 
 Amendments carry the complete new content and are accepted only before production starts; the
-production phase is learnt from the OrderStatus records of the dispatch stage (``observe_status``).
+production phase is learnt from the OrderPhaseChanged records of the dispatch stage (``observe_phase``).
 An amendment whose content equals the accepted content changes nothing and gets no decision:
 storefronts send order updates for payment, tags or fulfilment too (Shopify's orders/updated), and
 each would otherwise re-plan the order's work, or be rejected once work has started.
@@ -40,7 +40,7 @@ NEW, REJECTED, ACCEPTED, IN_PRODUCTION = "NEW", "REJECTED", "ACCEPTED", "IN_PROD
 DISPATCHED, CANCELLED, FAILED = "DISPATCHED", "CANCELLED", "FAILED"
 CLOSED = (DISPATCHED, CANCELLED, FAILED)
 LIVE = (ACCEPTED, IN_PRODUCTION)
-# OrderStatus.state -> phase.
+# OrderPhaseChanged.state -> phase.
 _STATUS_PHASE = {
     "IN_PROGRESS": IN_PRODUCTION,
     "DISPATCHED": DISPATCHED,
@@ -128,8 +128,8 @@ def content_digest(value: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def observe_status(state: ValidationState, status: Mapping[str, Any]) -> None:
-    """Learn the production phase from an OrderStatus record of the dispatch stage."""
+def observe_phase(state: ValidationState, status: Mapping[str, Any]) -> None:
+    """Learn the production phase from an OrderPhaseChanged record of the dispatch stage."""
     phase = _STATUS_PHASE.get(status["state"])
     if phase is None or state.phase not in LIVE:
         return

@@ -25,23 +25,12 @@ from streams.codec import AvroRegistry
 from streams.events import Event, new_event_id, utc_now
 from streams.settings import Settings
 from streams.topics import start_group_at_end
-from streams.topology import (
-    OPERATIONS_REQUESTED,
-    ORDERS_DECISIONS,
-    ORDERS_INBOUND,
-    ORDERS_OPERATIONS,
-    ORDERS_STATUS,
-    ORDERS_WORKITEMS,
-    STATIONS_EVENTS,
-    STATIONS_LANE_EVENTS,
-    STATIONS_QUEUE,
-)
+from streams.topology import STATIONS_EVENTS, STATIONS_QUEUE, input_topics
 from tests.conftest import wait_until
 from tests.integration.support import Record, WorkerProcess
 
-# Every topic an agent of the topology reads (see streams/topology.py).
-WORKER_INPUTS = [t.name for t in (ORDERS_INBOUND, ORDERS_STATUS, ORDERS_DECISIONS, ORDERS_WORKITEMS,
-                                  ORDERS_OPERATIONS, OPERATIONS_REQUESTED, STATIONS_LANE_EVENTS, STATIONS_EVENTS)]
+# Every topic an agent of the topology reads.
+WORKER_INPUTS = input_topics()
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 

@@ -114,8 +114,8 @@ class Pipeline:
         if kind == "StationStatusChanged":
             lane = self.lane(self.catalog.lane_of_station(val["station_id"]))
             return list(self.assignment.handle(lane, kind, val, now))
-        if kind == "OrderStatus" and oid in self.validation_states:
-            self.validation.observe_status(self.validation_states[oid], val)
+        if kind == "OrderPhaseChanged" and oid in self.validation_states:
+            self.validation.observe_phase(self.validation_states[oid], val)
         return []
 
     def assigned(self, op_id: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ NORTH = {
     "method": "DELIVERY",
     "address": {"neighbourhood": "north", "postcode": None, "line1": None, "city": None},
 }
-ORDER_KEYED = ("OrderStatus", "OrderDispatched", "OrderLeadTime")
+ORDER_KEYED = ("OrderStatus", "OrderPhaseChanged", "OrderDispatched", "OrderLeadTime")
 
 
 def of_type(events: list[Event], type_: str) -> list[dict[str, Any]]:
@@ -95,6 +95,13 @@ def test_dispatch_fires_once_on_last_completion_with_exact_breakdown(
         assert seqs == sorted(set(seqs)), type_
     requested_seqs = [r["seq"] for r in pipe.requested()]
     assert requested_seqs == sorted(set(requested_seqs))
+
+    # An OrderStatus on every change (each item planned, each start and completion, dispatch), but an
+    # OrderPhaseChanged only when the state changes: all that validation reads back.
+    ours = [e for e in pipe.log if e.value.get("order_id") == order["order_id"]]
+    assert len([e for e in ours if e.type == "OrderStatus"]) > 10
+    phases = [(e.value["state"], e.value["revision"]) for e in ours if e.type == "OrderPhaseChanged"]
+    assert phases == [("PLANNED", 1), ("IN_PROGRESS", 1), ("DISPATCHED", 1)]
 
 
 def test_next_operation_is_requested_only_when_its_predecessor_completes(

@@ -9,7 +9,7 @@ import pytest
 
 from streams.catalog import Catalog
 from streams.events import new_event_id
-from streams.stages.validation import ValidationState, observe_status, validate
+from streams.stages.validation import ValidationState, observe_phase, validate
 
 T0 = datetime(2025, 3, 14, 18, 0, tzinfo=UTC)
 KUNG_PAO = ("kung-pao-chicken", 1, [("SUBSTITUTE", "vegetable", "asparagus")])
@@ -200,7 +200,7 @@ def test_amendment_after_production_started_or_dispatch_is_rejected(
     state = ValidationState()
     placed = make_order(restaurant, [KUNG_PAO])
     decide(state, "OrderPlaced", placed, restaurant)
-    observe_status(state, {"state": status, "revision": 1})
+    observe_phase(state, {"state": status, "revision": 1})
     assert decide(state, "OrderAmended", amendment(placed), restaurant)["reason"] == reason
 
 
@@ -211,7 +211,7 @@ def test_stale_status_of_a_superseded_revision_does_not_block_amendments(
     placed = make_order(restaurant, [KUNG_PAO])
     decide(state, "OrderPlaced", placed, restaurant)
     decide(state, "OrderAmended", amendment(placed), restaurant)
-    observe_status(state, {"state": "IN_PROGRESS", "revision": 1})
+    observe_phase(state, {"state": "IN_PROGRESS", "revision": 1})
     assert decide(state, "OrderAmended", amendment(placed), restaurant)["revision"] == 3
 
 
@@ -230,7 +230,7 @@ def test_cancellation_accepted_in_production_then_order_is_closed(
     state = ValidationState()
     placed = make_order(restaurant, [KUNG_PAO])
     decide(state, "OrderPlaced", placed, restaurant)
-    observe_status(state, {"state": "IN_PROGRESS", "revision": 1})
+    observe_phase(state, {"state": "IN_PROGRESS", "revision": 1})
     out = decide(state, "OrderCancelled", cancellation(placed), restaurant)
     assert (out["type"], out["in_production"]) == ("OrderCancellationAccepted", True)
     assert decide(state, "OrderCancelled", cancellation(placed), restaurant)["reason"] == "ORDER_CLOSED"
@@ -241,7 +241,7 @@ def test_cancel_after_dispatch_is_rejected(restaurant: Catalog, make_order: Any)
     state = ValidationState()
     placed = make_order(restaurant, [KUNG_PAO])
     decide(state, "OrderPlaced", placed, restaurant)
-    observe_status(state, {"state": "DISPATCHED", "revision": 1})
+    observe_phase(state, {"state": "DISPATCHED", "revision": 1})
     assert decide(state, "OrderCancelled", cancellation(placed), restaurant)["reason"] == "ORDER_CLOSED"
 
 
@@ -283,7 +283,7 @@ def test_an_amendment_that_changes_nothing_gets_no_decision(restaurant: Catalog,
     assert validate(state, "OrderAmended", same, restaurant, T0) == []
     assert state.revision == 1
     # Not even once work has started or the order is out of the door: there is nothing to refuse.
-    observe_status(state, {"state": "DISPATCHED", "revision": 1})
+    observe_phase(state, {"state": "DISPATCHED", "revision": 1})
     assert validate(state, "OrderAmended", {**same, "event_id": new_event_id()}, restaurant, T0) == []
     # A real change after dispatch is still refused.
     changed = amendment(placed)
