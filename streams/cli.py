@@ -157,13 +157,15 @@ def catalog_load(
     from streams.catalog import CatalogError, load_catalog_yaml
     from streams.codec import AvroRegistry
     from streams.reference import publish_catalog
-    from streams.topology import TOPICS
+    from streams.topology import CATALOG_PRODUCTS, CATALOG_STATIONS
 
     settings = get_settings()
     path = catalog_path(file)
     try:
         catalog = load_catalog_yaml(path)
-        ensure_topics(TOPICS, settings)
+        # Only its own topics: on a cluster with ACLs the catalog's user sees no others, and would be
+        # refused creating them.
+        ensure_topics([CATALOG_PRODUCTS, CATALOG_STATIONS], settings)
         products, stations = publish_catalog(catalog, settings, AvroRegistry.from_url(settings.schema_registry_url))
     except (CatalogError, RuntimeError) as exc:
         raise fail(f"{path}: {exc}") from exc

@@ -763,6 +763,24 @@ def test_users_follow_the_data_flow() -> None:
                 if acl["resource"]["patternType"] == "prefix" and acl["resource"]["type"] == "topic"]
     assert [acl["resource"]["name"] for acl in prefixed] == ["pieceflow-"]
     assert {"Create", "Read", "Write"} <= set(prefixed[0]["operations"])
+    # A worker checks every topic of the topology at start and creates what it cannot see: it must
+    # see them all.
+    assert set(topic_grants(users["pieceflow-worker"])) >= set(topology_topics())
+
+
+def test_catalog_job_loads_as_the_catalog_user() -> None:
+    (job,) = documents_of("Job")
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][:2] == ["catalog", "load"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PIECEFLOW_SASL_USERNAME"]["value"] == "pieceflow-catalog"
+    assert env["PIECEFLOW_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "pieceflow-catalog"
+    (config_map,) = documents_of("ConfigMap")
+    assert container["envFrom"] == [{"configMapRef": {"name": config_map["metadata"]["name"]}}]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert str(Path(config_map["data"]["PIECEFLOW_SSL_CA_LOCATION"]).parent) in mounts
+    assert pod["securityContext"]["runAsNonRoot"] is True
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
