@@ -63,7 +63,13 @@ def ensure_topics(specs: list[TopicSpec], settings: Settings, timeout: float = 3
         try:
             future.result(timeout=timeout)
         except KafkaException as exc:
-            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+            if exc.args[0].code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                who = f"user {settings.sasl_username}" if settings.sasl else "this client"
+                raise RuntimeError(
+                    f"topic {name} is not visible to {who}, which may not create it either: create the "
+                    "topic, or grant Describe on it (see deploy/k8s/users.yaml)"
+                ) from exc
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise RuntimeError(f"could not create topic {name}: {exc}") from exc
     created = [t.topic for t in wanted]
     _wait_for_leaders(admin, created, timeout, settings)

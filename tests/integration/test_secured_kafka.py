@@ -1,20 +1,40 @@
-"""The pipeline on a cluster that only speaks TLS and SCRAM-SHA-512, as deploy/k8s/ configures it.
+"""The pipeline on a cluster set up as deploy/k8s/ sets it up: TLS, SCRAM-SHA-512, and the ACLs of
+deploy/k8s/users.yaml with everything else denied.
 
 A private broker gets a second listener, SASL_SSL with SCRAM-SHA-512 and a certificate from a throwaway
-CA; its plain-text listener stays for the stack's own readiness check and for creating the SCRAM user.
-Everything under test (topic creation, catalog load, worker, station simulator, storefront producer,
-read-back) connects to the secured listener only, through the PIECEFLOW_SECURITY_* settings.
+CA, and an authorizer. Its plain-text listener is the administrator's (a super user, as the Strimzi
+operators are): the stack's readiness check, the SCRAM users and their ACLs, the topics (which the
+topic operator creates on Kubernetes), and the test's own read-back. The catalog load, the worker, the
+station simulator and the storefront producer each connect to the secured listener only, as their
+own KafkaUser, through the PIECEFLOW_SECURITY_* settings.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
-from confluent_kafka.admin import AdminClient, ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
+import yaml
+from confluent_kafka.admin import (
+    AclBinding,
+    AclOperation,
+    AclPermissionType,
+    AdminClient,
+    ResourcePatternType,
+    ResourceType,
+    ScramCredentialInfo,
+    ScramMechanism,
+    UserScramCredentialAlteration,
+    UserScramCredentialUpsertion,
+)
 from cryptography.hazmat.primitives import serialization
 from pydantic import SecretStr
 
@@ -24,19 +44,20 @@ from streams.catalog import Catalog
 from streams.codec import AvroRegistry
 from streams.events import Event
 from streams.readback import Collector
-from streams.reference import publish_catalog
 from streams.settings import Settings
 from streams.stack import LocalStack, StackError
 from streams.topics import ensure_topics, start_group_at_end
-from streams.topology import ORDERS_DISPATCHED, ORDERS_INBOUND, ORDERS_STATUS, TOPICS
+from streams.topology import ORDERS_DISPATCHED, ORDERS_INBOUND, ORDERS_STATUS, STATIONS_QUEUE, TOPICS
 from streams.workers import WorkerProcess
 from tests.integration.conftest import private_stack
 from tests.integration.live import SimulatorThread, unhandled_errors, wait_live
 
-USER, PASSWORD = "pieceflow-worker", "scram-test-password"
+USERS_FILE = Path(__file__).resolve().parents[2] / "deploy/k8s/users.yaml"
+PASSWORD = "scram-test-password"
 PORT_OFFSET = 3000
 SECURED_PORT_STEP = 100  # the secured listener: the broker port + this
-APP_ID = f"pieceflow-secured-{uuid.uuid4().hex[:6]}"
+# The consumer groups users.yaml grants: the default app id, and the simulator's group.
+APP_ID = "pieceflow"
 PIPELINE_TOPICS = [t.name for t in TOPICS if not t.name.startswith("catalog.")]
 
 
@@ -69,14 +90,62 @@ def secured_listener(settings: Settings, key_store: Path) -> dict[str, object]:
             "org.apache.kafka.common.security.scram.ScramLoginModule required;",
         "listener.name.secured.ssl.keystore.type": "PEM",
         "listener.name.secured.ssl.keystore.location": key_store,
+        # Anything not granted is denied, as with Strimzi's `authorization: simple`. The plain-text
+        # listeners (controller, inter-broker, the administrator) authenticate nobody: ANONYMOUS.
+        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "super.users": "User:ANONYMOUS",
     }
 
 
+def kafka_users() -> dict[str, list[dict[str, Any]]]:
+    """users.yaml: each KafkaUser's ACLs, in Strimzi's form."""
+    docs = [d for d in yaml.safe_load_all(USERS_FILE.read_text()) if d and d["kind"] == "KafkaUser"]
+    return {d["metadata"]["name"]: d["spec"]["authorization"]["acls"] for d in docs}
+
+
+def acl_bindings(user: str, acls: list[dict[str, Any]]) -> list[AclBinding]:
+    """Strimzi ACL rules as the broker's ACL bindings (allow, any host)."""
+    patterns = {"literal": ResourcePatternType.LITERAL, "prefix": ResourcePatternType.PREFIXED}
+    return [
+        AclBinding(
+            ResourceType[acl["resource"]["type"].upper()],
+            acl["resource"]["name"],
+            patterns[acl["resource"].get("patternType", "literal")],
+            f"User:{user}",
+            "*",
+            AclOperation[re.sub(r"(?<!^)(?=[A-Z])", "_", operation).upper()],
+            AclPermissionType.ALLOW,
+        )
+        for acl in acls
+        for operation in acl["operations"]
+    ]
+
+
+class SecuredCluster:
+    def __init__(self, stack: LocalStack, bootstrap: str, ca_file: Path) -> None:
+        self.stack = stack
+        self.bootstrap = bootstrap
+        self.ca_file = ca_file
+        self.admin = stack.client_settings()  # plain text: the super user
+
+    def as_user(self, user: str, password: str = PASSWORD) -> Settings:
+        return self.admin.model_copy(
+            update={
+                "bootstrap_servers": self.bootstrap,
+                "security_protocol": "SASL_SSL",
+                "sasl_mechanism": "SCRAM-SHA-512",
+                "sasl_username": user,
+                "sasl_password": SecretStr(password),
+                "ssl_ca_location": self.ca_file,
+                "app_id": APP_ID,
+            }
+        )
+
+
 @pytest.fixture(scope="module")
-def secured(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack, Settings]]:
-    """A private stack with a SASL_SSL listener and a SCRAM user; yields it and settings that use that listener."""
-    certs = tmp_path_factory.mktemp("certs")
-    key_store, ca_file = write_certificates(certs)
+def secured(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredCluster]:
+    """A private stack with a SASL_SSL listener, an authorizer, and the KafkaUsers of users.yaml."""
+    key_store, ca_file = write_certificates(tmp_path_factory.mktemp("certs"))
     ports = settings.model_copy(update={"kafka_port": settings.kafka_port + PORT_OFFSET})
     stack = private_stack(settings, tmp_path_factory.mktemp("secured-stack"), PORT_OFFSET,
                           secured_listener(ports, key_store))
@@ -86,65 +155,71 @@ def secured(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Ite
         stack.down()
         pytest.fail(f"the secured stack could not start: {exc}", pytrace=False)
     admin = AdminClient({"bootstrap.servers": stack.bootstrap()})
-    upsert = UserScramCredentialUpsertion(
-        USER, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 4096), PASSWORD.encode()
-    )
-    for future in admin.alter_user_scram_credentials([upsert]).values():
+    users = kafka_users()
+    upserts: list[UserScramCredentialAlteration] = [
+        UserScramCredentialUpsertion(user, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 4096), PASSWORD.encode())
+        for user in users
+    ]
+    for future in admin.alter_user_scram_credentials(upserts).values():
         future.result(timeout=30)
-    client = stack.client_settings().model_copy(
-        update={
-            "bootstrap_servers": f"{settings.host}:{settings.kafka_port + PORT_OFFSET + SECURED_PORT_STEP}",
-            "security_protocol": "SASL_SSL",
-            "sasl_mechanism": "SCRAM-SHA-512",
-            "sasl_username": USER,
-            "sasl_password": SecretStr(PASSWORD),
-            "ssl_ca_location": ca_file,
-            "app_id": APP_ID,
-        }
-    )
-    yield stack, client
+    bindings = [binding for user, acls in users.items() for binding in acl_bindings(user, acls)]
+    for future in admin.create_acls(bindings).values():
+        future.result(timeout=30)
+    cluster = SecuredCluster(stack, f"{settings.host}:{ports.kafka_port + SECURED_PORT_STEP}", ca_file)
+    ensure_topics(TOPICS, cluster.admin)  # the topic operator's part on Kubernetes
+    yield cluster
     stack.down(purge=True)
 
 
-def test_wrong_credentials_get_an_error_that_names_them(secured: tuple[LocalStack, Settings]) -> None:
-    _, client = secured
-    wrong = client.model_copy(update={"sasl_password": SecretStr("not-the-password")})
+def test_wrong_credentials_get_an_error_that_names_them(secured: SecuredCluster) -> None:
     with pytest.raises(RuntimeError, match="PIECEFLOW_SASL_USERNAME"):
-        ensure_topics(TOPICS, wrong, timeout=10)
+        ensure_topics(TOPICS, secured.as_user("pieceflow-worker", "not-the-password"), timeout=10)
 
 
-def test_an_untrusted_broker_certificate_is_refused(
-    secured: tuple[LocalStack, Settings], tmp_path: Path
-) -> None:
-    _, client = secured
+def test_an_untrusted_broker_certificate_is_refused(secured: SecuredCluster, tmp_path: Path) -> None:
     other_ca = tmp_path / "other-ca.pem"
     other_ca.write_bytes(trustme.CA().cert_pem.bytes())
+    client = secured.as_user("pieceflow-worker").model_copy(update={"ssl_ca_location": other_ca})
     with pytest.raises(RuntimeError, match="PIECEFLOW_SSL_CA_LOCATION"):
-        ensure_topics(TOPICS, client.model_copy(update={"ssl_ca_location": other_ca}), timeout=10)
+        ensure_topics(TOPICS, client, timeout=10)
 
 
-def test_orders_flow_to_dispatch_over_tls_and_scram(
-    secured: tuple[LocalStack, Settings], catalog: Catalog, tmp_path_factory: pytest.TempPathFactory
+def test_a_user_sees_only_what_it_is_granted(secured: SecuredCluster) -> None:
+    """The authorizer is on: the catalog's user may not even see the order topics."""
+    catalog_user = secured.as_user("pieceflow-catalog")
+    with pytest.raises(RuntimeError, match=f"topic {ORDERS_INBOUND.name} is not visible to user pieceflow-catalog"):
+        ensure_topics([ORDERS_INBOUND], catalog_user, timeout=10)
+
+
+def test_orders_flow_to_dispatch_with_each_service_as_its_own_user(
+    secured: SecuredCluster, catalog: Catalog, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    _, client = secured
-    registry = AvroRegistry.from_url(client.schema_registry_url)
-    ensure_topics(TOPICS, client)
-    publish_catalog(catalog, client, registry)
-    start_group_at_end(APP_ID, PIPELINE_TOPICS, client)
-    collector = Collector(client, registry, [ORDERS_STATUS.name, ORDERS_DISPATCHED.name])
-    worker = WorkerProcess(client, tmp_path_factory.mktemp("secured-worker"), "worker-1",
-                           {"PIECEFLOW_WEB_PORT": str(client.web_port + PORT_OFFSET)})
-    simulator = SimulatorThread(client, catalog, registry, f"{APP_ID}-stations", time_scale=0.0005)
+    registry = AvroRegistry.from_url(secured.admin.schema_registry_url)
+    load = subprocess.run(
+        [sys.executable, "-m", "streams", "catalog", "load", "restaurant"],
+        env={**os.environ, **secured.as_user("pieceflow-catalog").cluster_env()},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert load.returncode == 0, f"catalog load as pieceflow-catalog failed:\n{load.stderr[-3000:]}"
+    start_group_at_end(APP_ID, PIPELINE_TOPICS, secured.admin)
+    start_group_at_end(f"{APP_ID}-stations", [STATIONS_QUEUE.name], secured.admin)
+    collector = Collector(secured.admin, registry, [ORDERS_STATUS.name, ORDERS_DISPATCHED.name])
+    worker_user = secured.as_user("pieceflow-worker")
+    worker = WorkerProcess(worker_user, tmp_path_factory.mktemp("secured-worker"), "worker-1",
+                           {"PIECEFLOW_WEB_PORT": str(worker_user.web_port + PORT_OFFSET)})
+    simulator = SimulatorThread(secured.as_user("pieceflow-simulator"), catalog, registry, f"{APP_ID}-stations",
+                                time_scale=0.0005)
     try:
-        producer = OrderProducer(client, ORDERS_INBOUND.name, registry=registry)
+        producer = OrderProducer(secured.as_user("pieceflow-intake"), ORDERS_INBOUND.name, registry=registry)
         orders = [build_order(catalog, [("kung-pao-chicken", 1, []), ("spring-rolls", 1, [])],
                               external_id=f"secured-{uuid.uuid4().hex[:10]}") for _ in range(3)]
         for order in orders:
             oid = str(order["order_id"])
             producer.send_confirmed(Event("OrderPlaced", oid, dict(order)), oid)
         ids = {str(o["order_id"]) for o in orders}
-        wait_live("every order dispatched over SASL_SSL",
-                  lambda: {r.key for r in collector.for_orders(ids, "OrderDispatched")} == ids, 120, [worker])
+        wait_live("every order dispatched, each service as its own user",
+                  lambda: {r.key for r in collector.for_orders(ids, "OrderDispatched")} == ids, 120, [worker],
+                  simulator)
     finally:
         simulator.stop()
         worker.stop()
