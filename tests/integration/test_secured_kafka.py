@@ -5,8 +5,8 @@ A private broker gets a second listener, SASL_SSL with SCRAM-SHA-512 and a certi
 CA, and an authorizer. Its plain-text listener is the administrator's (a super user, as the Strimzi
 operators are): the stack's readiness check, the SCRAM users and their ACLs, the topics (which the
 topic operator creates on Kubernetes), and the test's own read-back. The catalog load, the worker, the
-station simulator and the storefront producer each connect to the secured listener only, as their
-own KafkaUser, through the PIECEFLOW_SECURITY_* settings.
+station simulator, the storefront producer and the ERP sink each connect to the secured listener
+only, as their own KafkaUser, through the PIECEFLOW_SECURITY_* settings.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import trustme
 import yaml
@@ -38,6 +40,7 @@ from confluent_kafka.admin import (
 from cryptography.hazmat.primitives import serialization
 from pydantic import SecretStr
 
+from connectors.erp.sink import ErpSink
 from connectors.shopfront import build_order
 from connectors.storefront import OrderProducer
 from streams.catalog import Catalog
@@ -191,8 +194,14 @@ def test_a_user_sees_only_what_it_is_granted(secured: SecuredCluster) -> None:
         ensure_topics([ORDERS_INBOUND], catalog_user, timeout=10)
 
 
+def dispatched_in_erp(url: str, order_ids: set[str]) -> set[str]:
+    with psycopg.connect(url, connect_timeout=5) as conn:
+        rows = conn.execute("SELECT order_id FROM dispatches WHERE order_id = ANY(%s)", (list(order_ids),))
+        return {str(order_id) for (order_id,) in rows}
+
+
 def test_orders_flow_to_dispatch_with_each_service_as_its_own_user(
-    secured: SecuredCluster, catalog: Catalog, tmp_path_factory: pytest.TempPathFactory
+    secured: SecuredCluster, catalog: Catalog, postgres: object, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     registry = AvroRegistry.from_url(secured.admin.schema_registry_url)
     load = subprocess.run(
@@ -209,6 +218,10 @@ def test_orders_flow_to_dispatch_with_each_service_as_its_own_user(
                            {"PIECEFLOW_WEB_PORT": str(worker_user.web_port + PORT_OFFSET)})
     simulator = SimulatorThread(secured.as_user("pieceflow-simulator"), catalog, registry, f"{APP_ID}-stations",
                                 time_scale=0.0005)
+    sink = ErpSink(secured.as_user("pieceflow-sink"), registry=registry)  # its default group, as deployed
+    stop_sink = threading.Event()
+    sink_thread = threading.Thread(target=sink.run, args=(stop_sink,), daemon=True)
+    sink_thread.start()
     try:
         producer = OrderProducer(secured.as_user("pieceflow-intake"), ORDERS_INBOUND.name, registry=registry)
         orders = [build_order(catalog, [("kung-pao-chicken", 1, []), ("spring-rolls", 1, [])],
@@ -220,7 +233,13 @@ def test_orders_flow_to_dispatch_with_each_service_as_its_own_user(
         wait_live("every order dispatched, each service as its own user",
                   lambda: {r.key for r in collector.for_orders(ids, "OrderDispatched")} == ids, 120, [worker],
                   simulator)
+        wait_live("every dispatch in the ERP tables, written by the sink as its own user",
+                  lambda: not sink_thread.is_alive() or dispatched_in_erp(secured.admin.database_url, ids) == ids,
+                  60, [worker])
+        assert sink_thread.is_alive(), "the ERP sink stopped (see the log)"
     finally:
+        stop_sink.set()
+        sink_thread.join(30)
         simulator.stop()
         worker.stop()
         collector.close()
