@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from streams.resources import resource_dir
 from streams.settings import get_settings
 from streams.stack import LocalStack, StackError, log_tail
-from streams.topics import ensure_internal_topics, ensure_topics
+from streams.topics import check_topics, ensure_internal_topics, ensure_topics
 
 app = typer.Typer(
     help="pieceflow: order management at a batch size of one, on Apache Kafka.",
@@ -228,13 +228,14 @@ def stations_simulate(
     """Work each station's FIFO queue and report OperationStarted / OperationCompleted, until Ctrl-C."""
     import threading
 
-    from connectors.stations import Faults, StationSimulator
+    from connectors.stations import EVENTS_TOPIC, QUEUE_TOPIC, Faults, StationSimulator
     from streams.codec import AvroRegistry
-    from streams.reference import ReferenceData
+    from streams.reference import PRODUCTS_TOPIC, STATIONS_TOPIC, ReferenceData
 
     settings = get_settings()
     registry = AvroRegistry.from_url(settings.schema_registry_url)
     try:
+        check_topics([QUEUE_TOPIC, EVENTS_TOPIC, PRODUCTS_TOPIC, STATIONS_TOPIC], settings)
         catalog = ReferenceData(settings, registry).load()
     except RuntimeError as exc:
         raise fail(str(exc)) from exc
@@ -322,10 +323,15 @@ def intake_serve(
     ),
 ) -> None:
     """Serve POST /webhooks/shopify, /webhooks/woocommerce, /orders, and GET /metrics, /healthz."""
-    from connectors.intake.service import serve
+    from connectors.intake.service import INBOUND_TOPIC, serve
 
+    settings = get_settings()
     try:
-        serve(get_settings(), host=host, port=port, catalog_file=catalog_path(catalog) if catalog else None)
+        check_topics([INBOUND_TOPIC], settings)
+    except RuntimeError as exc:
+        raise fail(str(exc)) from exc
+    try:
+        serve(settings, host=host, port=port, catalog_file=catalog_path(catalog) if catalog else None)
     except RuntimeError as exc:  # Kafka unreachable or no catalog topics at start-up
         raise fail(f"{exc}; or pass --catalog") from exc
 
@@ -441,7 +447,13 @@ def sink_erp(
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("httpx", "httpx2"):  # one INFO line per registry lookup drowns the sink's own lines
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
+    from connectors.erp.rows import TOPICS as SINK_TOPICS
+
     settings = get_settings()
+    try:
+        check_topics(list(SINK_TOPICS), settings)
+    except RuntimeError as exc:
+        raise fail(str(exc)) from exc
     if migrate:
         try:
             migrate_url(settings.database_url)

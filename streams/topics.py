@@ -37,16 +37,7 @@ class TopicSpec:
 
 def ensure_topics(specs: list[TopicSpec], settings: Settings, timeout: float = 30.0) -> list[str]:
     """Create the topics that do not exist yet; returns the names created. Existing ones are kept."""
-    # librdkafka tells why it could not connect (refused credentials, an untrusted certificate) only to
-    # the error callback, served by poll; the failing call itself says "transport failure".
-    errors: list[KafkaError] = []
-    config: dict[str, Any] = {**settings.kafka_config(), "error_cb": errors.append}
-    admin = AdminClient(config)
-    try:
-        existing = set(admin.list_topics(timeout=timeout).topics)
-    except KafkaException as exc:
-        admin.poll(0)  # serves the error callback
-        raise RuntimeError(unreachable(settings, errors[-1] if errors else exc.args[0])) from exc
+    admin, existing = _visible_topics(settings, timeout)
     wanted = [
         NewTopic(
             spec.name,
@@ -64,16 +55,44 @@ def ensure_topics(specs: list[TopicSpec], settings: Settings, timeout: float = 3
             future.result(timeout=timeout)
         except KafkaException as exc:
             if exc.args[0].code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
-                who = f"user {settings.sasl_username}" if settings.sasl else "this client"
                 raise RuntimeError(
-                    f"topic {name} is not visible to {who}, which may not create it either: create the "
-                    "topic, or grant Describe on it (see deploy/k8s/users.yaml)"
+                    f"topic {name} is not visible to {_who(settings)}, which may not create it either: create "
+                    "the topic, or grant Describe on it (see deploy/k8s/users.yaml)"
                 ) from exc
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise RuntimeError(f"could not create topic {name}: {exc}") from exc
     created = [t.topic for t in wanted]
     _wait_for_leaders(admin, created, timeout, settings)
     return created
+
+
+def check_topics(names: list[str], settings: Settings, timeout: float = 30.0) -> None:
+    """Fail at start, saying what to do, when Kafka cannot be reached or a topic this process uses is
+    not there for it (missing, or not granted)."""
+    _, visible = _visible_topics(settings, timeout)
+    missing = [name for name in names if name not in visible]
+    if missing:
+        raise RuntimeError(
+            f"topic(s) {', '.join(missing)} not visible to {_who(settings)}: create them (`pieceflow topics "
+            "create`), or grant the user Describe on them (see deploy/k8s/users.yaml)"
+        )
+
+
+def _visible_topics(settings: Settings, timeout: float) -> tuple[AdminClient, set[str]]:
+    # librdkafka tells why it could not connect (refused credentials, an untrusted certificate) only to
+    # the error callback, served by poll; the failing call itself says "transport failure".
+    errors: list[KafkaError] = []
+    config: dict[str, Any] = {**settings.kafka_config(), "error_cb": errors.append}
+    admin = AdminClient(config)
+    try:
+        return admin, set(admin.list_topics(timeout=timeout).topics)
+    except KafkaException as exc:
+        admin.poll(0)  # serves the error callback
+        raise RuntimeError(unreachable(settings, errors[-1] if errors else exc.args[0])) from exc
+
+
+def _who(settings: Settings) -> str:
+    return f"user {settings.sasl_username}" if settings.sasl else "this client"
 
 
 def unreachable(settings: Settings, error: KafkaError) -> str:

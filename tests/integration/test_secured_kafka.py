@@ -244,3 +244,24 @@ def test_orders_flow_to_dispatch_with_each_service_as_its_own_user(
         worker.stop()
         collector.close()
     assert unhandled_errors(worker.log.read_text(errors="replace")) == []
+
+
+@pytest.mark.parametrize(
+    ("command", "user", "password", "expected"),
+    [
+        (["stations", "simulate"], "pieceflow-simulator", "not-the-password", "PIECEFLOW_SASL_PASSWORD"),
+        (["intake", "serve"], "pieceflow-sink", PASSWORD, "orders.inbound.v1 not visible to user pieceflow-sink"),
+        (["sink", "erp"], "pieceflow-intake", PASSWORD, "not visible to user pieceflow-intake"),
+    ],
+)
+def test_a_service_that_cannot_reach_its_topics_stops_at_once_saying_why(
+    secured: SecuredCluster, command: list[str], user: str, password: str, expected: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "streams", *command],
+        env={**os.environ, **secured.as_user(user, password).cluster_env()},
+        capture_output=True, text=True, timeout=90,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert expected in done.stderr
+    assert "Traceback" not in done.stderr
