@@ -511,7 +511,6 @@ class Bench:
             **self.settings.cluster_env(),
             "PIECEFLOW_APP_ID": self.app_id,
             "PIECEFLOW_PARTITIONS": str(self.partitions),
-            "PIECEFLOW_HOME": str(self.settings.home.resolve()),
             **extra,
         }
 

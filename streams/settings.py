@@ -131,7 +131,7 @@ class Settings(BaseSettings):
     def cluster_env(self) -> dict[str, str]:
         """The settings a child process needs to reach the same cluster and registry, as PIECEFLOW_* variables."""
         env = {
-            "PIECEFLOW_HOME": str(self.home),
+            "PIECEFLOW_HOME": str(self.home.resolve()),  # a child may run elsewhere
             "PIECEFLOW_BOOTSTRAP_SERVERS": self.kafka_bootstrap,
             "PIECEFLOW_REGISTRY_URL": self.schema_registry_url,
             "PIECEFLOW_SECURITY_PROTOCOL": self.security_protocol,
